@@ -47,16 +47,13 @@ def scan_loop(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         y: (b, d, L) without the D or z terms, and the last state h_L: (b, d, n).
     """
     b, d, L = u.shape
-    n = A.shape[1]
-    h = u.new_zeros(b, d, n) if h0 is None else h0
-    delta_t = delta.permute(2, 0, 1).unsqueeze(-1)                # (L, b, d, 1), step-major
-    dA = torch.exp(delta_t * A)                                   # (L, b, d, n)
-    dBu = (delta_t * u.permute(2, 0, 1).unsqueeze(-1)) * B.permute(2, 0, 1).unsqueeze(2)
-    Ct = C.permute(2, 0, 1).unsqueeze(-1)                         # (L, b, n, 1)
+    h = u.new_zeros(b, d, A.shape[1]) if h0 is None else h0
     ys = []
-    for t in range(L):
-        h = dA[t] * h + dBu[t]
-        ys.append(torch.matmul(h, Ct[t]).squeeze(-1))             # (b, d)
+    # step by step (cache-friendly) over unbind() views: the backward of unbind stacks the
+    # step gradients once, where indexing x[..., t] would allocate a full-size gradient per step
+    for dt, ut, Bt, Ct in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * ut).unsqueeze(-1) * Bt.unsqueeze(1)
+        ys.append(torch.matmul(h, Ct.unsqueeze(-1)).squeeze(-1))   # (b, d)
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0)
     return y, h
 
