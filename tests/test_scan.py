@@ -79,6 +79,24 @@ def test_long_sequences_and_extreme_deltas_stay_finite(backend, delta_scale, bia
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_delta_across_the_softplus_range(backend):
+    # raw time steps from -25 to 25 cross softplus' exp tail and its linear threshold (20)
+    x = make_inputs(1, 3, 4, 101)
+    x["delta"] = torch.linspace(-25, 25, 101).repeat(1, 3, 1)
+    x["delta_bias"] = torch.tensor([0.0, 0.3, -0.3])
+    x["A"] = x["A"] * 0.01  # keep some memory even at dt = 25
+    ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = selective_scan(**ref_in, delta_softplus=True, backend="reference")
+    out = selective_scan(**be_in, delta_softplus=True, backend=backend)
+    assert rel_err(out, ref) < 1e-5
+    ref.sum().backward()
+    out.sum().backward()
+    for name in ("delta", "delta_bias", "u"):
+        assert rel_err(be_in[name].grad, ref_in[name].grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_low_precision_inputs_compute_in_fp32(backend):
     x = make_inputs(2, 3, 4, 16)
     half = {k: v.bfloat16() for k, v in x.items()}

@@ -7,10 +7,9 @@ On a CPU the scan is bound by its L*d*n exponentials. These kernels:
   exponential written as a polynomial (Cody-Waite range reduction, then a degree-6
   polynomial, then a multiply by 2**k built from its bits), so the compiler can emit SIMD
   code without a vector math library;
-* fuse the ``D`` skip and the ``silu(z)`` gate (and its gradient) into the kernels; the bias
-  and softplus of delta are one vectorised torch op before the forward kernel, and the
-  softplus derivative is recovered in the backward kernel as sigmoid(x) = 1 - exp(-dt);
-* save only the inputs and dt for backward: the backward task re-runs its sequence
+* fuse ``delta_bias``, softplus (a vectorisable log1p series), the ``D`` skip and the
+  ``silu(z)`` gate, and their gradients, into the kernels;
+* save only the inputs for backward: the backward task re-runs its sequence
   forward into small per-task buffers (L x n), then walks it in reverse. Gradients of
   the tensors shared across tasks (B, C over channels; A, D, delta_bias over the batch)
   are accumulated per task block and summed afterwards, so there are no write races.
@@ -40,7 +39,7 @@ except Exception as exc:  # pragma: no cover - exercised only where numba is mis
 
 log = logging.getLogger("vimerge")
 _STATS: dict[str, float] = {}
-D_BLOCK = 32  # channels per backward task (bounds the partial-gradient buffers)
+D_BLOCK = 64  # channels per backward task (bounds the partial-gradient buffers)
 
 if _IMPORT_ERROR is None:
 
@@ -76,18 +75,48 @@ if _IMPORT_ERROR is None:
         e = _exp(-abs(x))
         return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
 
+    @njit(inline="always", fastmath=True)
+    def _softplus(x):
+        """log(1 + exp(x)) (torch's threshold 20), vectorisable: max(x, 0) + log1p(exp(-|x|)).
+
+        log1p(e) for e in [0, 1] is 2 atanh(s) with s = e / (2 + e) <= 1/3, summed to s**13.
+        """
+        e = _exp(-abs(x))
+        s = e / (np.float32(2.0) + e)
+        s2 = s * s
+        p = np.float32(2.0 / 13.0)
+        p = p * s2 + np.float32(2.0 / 11.0)
+        p = p * s2 + np.float32(2.0 / 9.0)
+        p = p * s2 + np.float32(2.0 / 7.0)
+        p = p * s2 + np.float32(2.0 / 5.0)
+        p = p * s2 + np.float32(2.0 / 3.0)
+        p = p * s2 + np.float32(2.0)
+        return x if x > 20.0 else max(x, np.float32(0.0)) + s * p
+
+    @njit(inline="always", fastmath=True)
+    def _time_steps(delta, bias, softplus, bi, di, out):
+        """out[t] = softplus(delta[bi, di, t] + bias[di]) (or without softplus), over the row."""
+        for t in range(out.shape[0]):
+            x = delta[bi, di, t] + bias[di]
+            out[t] = _softplus(x) if softplus else x
+
     @njit(parallel=True, fastmath=True, cache=True)
-    def _forward_kernel(u, dt, A, Bt, Ct, D, z, has_z, out):
-        """out = (scan(u, dt, A, B, C) + D * u) * silu(z); (b, d, L) except A (d, n), Bt/Ct (b, L, n)."""
+    def _forward_kernel(u, delta, bias, softplus, A, Bt, Ct, D, z, has_z, out):
+        """out = (scan(u, dt, A, B, C) + D * u) * silu(z) with dt = softplus(delta + bias).
+
+        u, delta, z, out: (b, d, L); bias, D: (d,); A: (d, n); Bt, Ct: (b, L, n).
+        """
         b, d, L = u.shape
         n = A.shape[1]
         for task in prange(b * d):
             bi = task // d
             di = task % d
             h = np.zeros(n, dtype=np.float32)
+            dt = np.empty(L, dtype=np.float32)
+            _time_steps(delta, bias, softplus, bi, di, dt)
             a_row = A[di]
             for t in range(L):
-                dtt = dt[bi, di, t]
+                dtt = dt[t]
                 ut = u[bi, di, t]
                 dtu = dtt * ut
                 y = D[di] * ut
@@ -102,12 +131,13 @@ if _IMPORT_ERROR is None:
                     out[bi, di, t] *= zt * _sigmoid(zt)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _backward_kernel(u, dt, A, Bt, Ct, D, z, has_z, softplus, gout,
+    def _backward_kernel(u, delta, bias, softplus, A, Bt, Ct, D, z, has_z, gout,
                          gu, gdelta, gz, gA_part, gB_part, gC_part, gD_part, gbias_part):
         """Gradients of the forward kernel for the incoming gradient ``gout`` (b, d, L).
 
-        ``dt`` is the time step after bias and softplus; with ``softplus`` the delta gradient
-        is multiplied by softplus'(x) = sigmoid(x) = 1 - exp(-dt). Per-task partial sums:
+        The time steps dt = softplus(delta + bias) are recomputed per row; with ``softplus``
+        the delta gradient is multiplied by softplus'(x) = sigmoid(x) = 1 - exp(-dt).
+        Per-task partial sums:
         gA_part (b, d, n), gD_part and gbias_part (b, d) are summed over b by the caller,
         gB_part / gC_part (b, blocks, L, n) over blocks. Only the sweep for dL/dh is
         sequential; the other passes are flat loops the compiler can vectorise.
@@ -126,10 +156,12 @@ if _IMPORT_ERROR is None:
             gy = np.empty(L, dtype=np.float32)            # dL/dy_t before the gate
             ys = np.empty(L, dtype=np.float32)
             sg = np.empty(L, dtype=np.float32)
+            dt = np.empty(L, dtype=np.float32)
             gB = gB_part[bi, ci]
             gC = gC_part[bi, ci]
             for di in range(ci * blk, min(d, (ci + 1) * blk)):
                 a_row = A[di]
+                _time_steps(delta, bias, softplus, bi, di, dt)
                 if has_z:
                     for t in range(L):
                         zt = z[bi, di, t]
@@ -142,7 +174,7 @@ if _IMPORT_ERROR is None:
                     hs[0, k] = 0.0
                     gh[k] = 0.0
                 for t in range(L):                        # recompute the states
-                    dtt = dt[bi, di, t]
+                    dtt = dt[t]
                     dtu = dtt * u[bi, di, t]
                     y = D[di] * u[bi, di, t]
                     for k in range(n):
@@ -167,7 +199,7 @@ if _IMPORT_ERROR is None:
                 gbias = np.float32(0.0)
                 for t in range(L):                        # per-step gradients
                     ut = u[bi, di, t]
-                    dtt = dt[bi, di, t]
+                    dtt = dt[t]
                     s_a = np.float32(0.0)
                     s_b = np.float32(0.0)
                     for k in range(n):
@@ -186,7 +218,7 @@ if _IMPORT_ERROR is None:
                 gbias_part[bi, di] = gbias
                 gA = gA_part[bi, di]
                 for t in range(L):                        # shared-parameter gradients
-                    dtt = dt[bi, di, t]
+                    dtt = dt[t]
                     dtu = dtt * u[bi, di, t]
                     g = gy[t]
                     for k in range(n):
@@ -218,27 +250,27 @@ def _run(name: str, kernel, *args) -> None:
 
 
 class _NumbaScan(torch.autograd.Function):
-    """The scan with the compiled kernels; saves only its inputs (and dt) for backward."""
+    """The scan with the compiled kernels; saves only its inputs for backward."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):
         ctx.has = (D is not None, z is not None, delta_bias is not None)
         ctx.softplus = softplus
-        dt = delta if delta_bias is None else delta + delta_bias[:, None]
-        dt = (F.softplus(dt) if softplus else dt).contiguous()
-        u, A = u.contiguous(), A.contiguous()
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
         Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
-        Dv = u.new_zeros(u.shape[1]) if D is None else D.contiguous()
+        zeros = u.new_zeros(u.shape[1])
+        Dv = zeros if D is None else D.contiguous()
+        bias = zeros if delta_bias is None else delta_bias.contiguous()
         zv = u.new_zeros(1, 1, 1) if z is None else z.contiguous()
         out = torch.empty_like(u)
-        _run("forward", _forward_kernel, _np(u), _np(dt), _np(A), _np(Bt), _np(Ct), _np(Dv),
-             _np(zv), z is not None, out.numpy())
-        ctx.save_for_backward(u, dt, A, Bt, Ct, Dv, zv)
+        _run("forward", _forward_kernel, _np(u), _np(delta), _np(bias), softplus, _np(A), _np(Bt),
+             _np(Ct), _np(Dv), _np(zv), z is not None, out.numpy())
+        ctx.save_for_backward(u, delta, bias, A, Bt, Ct, Dv, zv)
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        u, dt, A, Bt, Ct, Dv, zv = ctx.saved_tensors
+        u, delta, bias, A, Bt, Ct, Dv, zv = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
         b, d, L = u.shape
         n = A.shape[1]
@@ -248,8 +280,8 @@ class _NumbaScan(torch.autograd.Function):
         gA = u.new_zeros(b, d, n)
         gB, gC = u.new_zeros(b, nblk, L, n), u.new_zeros(b, nblk, L, n)
         gD, gbias = u.new_zeros(b, d), u.new_zeros(b, d)
-        _run("backward", _backward_kernel, _np(u), _np(dt), _np(A), _np(Bt), _np(Ct), _np(Dv),
-             _np(zv), has_z, ctx.softplus, _np(gout.float()),
+        _run("backward", _backward_kernel, _np(u), _np(delta), _np(bias), ctx.softplus, _np(A),
+             _np(Bt), _np(Ct), _np(Dv), _np(zv), has_z, _np(gout.float()),
              *[t.numpy() for t in (gu, gdelta, gz, gA, gB, gC, gD, gbias)])
         return (gu, gdelta, gA.sum(0), gB.sum(1).transpose(1, 2), gC.sum(1).transpose(1, 2),
                 gD.sum(0) if has_D else None, gz if has_z else None,
