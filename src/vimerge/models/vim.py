@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import selective_scan
+from ..reduce.state import Reducer, TokenState
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -94,6 +95,8 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = scan_backend
+        self.record = False   # set by reducers that need this mixer's internals
+        self.recorded: dict = {}
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         for suffix in ("", "_b"):
@@ -117,7 +120,12 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _direction(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
-        """One scan direction on (B, d_inner, N) inputs (already flipped for backward)."""
+        """One scan direction on (B, d_inner, N) inputs (already flipped for backward).
+
+        With ``self.record`` on, keeps this direction's raw time steps ``delta`` (before bias
+        and softplus, (B, d_inner, N)), ``B`` and ``C`` ((B, d_state, N)) in ``self.recorded``
+        under ``"fwd"`` / ``"bwd"``, flipped back to the token order.
+        """
         sfx = "_b" if backward else ""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
         x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
@@ -128,6 +136,10 @@ class BiMambaMixer(nn.Module):
         dbc = x_proj(x.transpose(1, 2))                                    # (B, N, R + 2n)
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                  # (B, d_inner, N)
+        if self.record:
+            keep = {"delta": delta, "B": B.transpose(1, 2), "C": C.transpose(1, 2)}
+            self.recorded["bwd" if backward else "fwd"] = {
+                k: (v.flip(-1) if backward else v).detach() for k, v in keep.items()}
         return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2),
                               getattr(self, "D" + sfx).float(), z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
@@ -138,7 +150,10 @@ class BiMambaMixer(nn.Module):
         x, z = xz.chunk(2, dim=1)
         y = self._direction(x, z, backward=False)
         y_b = self._direction(x.flip(-1), z.flip(-1), backward=True)
-        return self.out_proj(((y + y_b.flip(-1)) / 2).transpose(1, 2))
+        y = (y + y_b.flip(-1)) / 2                                         # (B, d_inner, N)
+        if self.record:
+            self.recorded["y"] = y.detach()
+        return self.out_proj(y.transpose(1, 2))
 
 
 class Block(nn.Module):
@@ -190,6 +205,7 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
         self.norm_f = RMSNorm(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reduction: Reducer | None = None   # installed by vimerge.apply, see vimerge.reduce
         self._init_weights(depth)
 
     def _init_weights(self, depth: int) -> None:
@@ -228,13 +244,29 @@ class VisionMamba(nn.Module):
         x = torch.cat((x[:, :self.cls_index], cls, x[:, self.cls_index:]), dim=1)
         return self.pos_drop(x + self.pos_embed)
 
+    def forward_tokens(self, x: Tensor, track_source: bool = False) -> TokenState:
+        """Images -> the token state after the last block (before the final Add -> norm).
+
+        The active reduction (``self.reduction``) runs before the mixer of each block.
+        """
+        reducer = self.reduction
+        track_source = track_source or bool(getattr(reducer, "track_source", False))
+        state = TokenState.start(self.embed(x), self.cls_index, track_source)
+        if reducer is not None:
+            reducer.prepare(self, state.num_tokens)
+        for i, block in enumerate(self.layers):
+            state.layer = i
+            if reducer is not None:
+                state = reducer.reduce(state, self)
+            state.hidden, state.residual = block(state.hidden, state.residual)
+        return state
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> class-token features (B, E) after the final norm."""
-        hidden, residual = self.embed(x), None
-        for block in self.layers:
-            hidden, residual = block(hidden, residual)
+        state = self.forward_tokens(x)
+        hidden, residual = state.hidden, state.residual
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        return self.norm_f(residual[:, self.cls_index])
+        return self.norm_f(residual[:, state.cls_index])
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""

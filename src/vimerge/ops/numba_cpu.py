@@ -24,7 +24,6 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
