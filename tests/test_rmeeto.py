@@ -223,3 +223,17 @@ def test_source_tracking_partitions_the_patches():
     torch.testing.assert_close(state.source.sum(-1, keepdim=True), state.size)
     assert state.source[0, state.cls_index, model.cls_index] == 1     # the class token stays alone
     assert state.size[0, state.cls_index, 0] == 1
+
+
+def test_shuffle_ratio_permutes_only_non_class_positions():
+    from vimerge.reduce.rmeeto import shuffle_tokens
+    x = torch.arange(9, dtype=torch.float32).view(1, 9, 1)
+    state = TokenState(x, x + 100, torch.ones(1, 9, 1), 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(shuffle_tokens(state, 0.0, g).hidden, x)
+    full = shuffle_tokens(state, 1.0, g)
+    order = full.hidden.flatten().tolist()
+    assert order[4] == 4 and sorted(order) == list(range(9)) and order != list(range(9))
+    assert torch.equal(full.residual, full.hidden + 100)            # streams move together
+    half = shuffle_tokens(state, 0.5, g).hidden.flatten().tolist()   # 4 of the 8 positions move
+    assert half[4] == 4 and sum(a != b for a, b in zip(half, range(9))) <= 4
