@@ -37,6 +37,113 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --checkpoint / architecture overrides, shared by every command."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vim_tiny", help="registered model name (see `vimerge info`)")
+    g.add_argument("--checkpoint", help="weights: official .pth, plain state dict, .safetensors or hf://")
+    g.add_argument("--num-classes", type=int, default=None, help="head size (default: the preset's 1000)")
+    g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
+    g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other constructor argument, e.g. --set depth=8 --set embed_dim=96")
+
+
+def add_reduction_args(p: argparse.ArgumentParser) -> None:
+    """Token-reduction options (see the README's table), shared by every command."""
+    g = p.add_argument_group("token reduction")
+    g.add_argument("--method", choices=["none", "rmeeto", "prune", "stm"], default=None,
+                   help="reduction method (default: rmeeto when --r or --ratio is given, else none)")
+    g.add_argument("--r", help="tokens removed per reducing block, or a comma list, one per block")
+    g.add_argument("--ratio", type=float, help="target reduction ratio instead of --r")
+    g.add_argument("--interval", type=int, default=2, help="reduce every k blocks (R-MeeTo)")
+    g.add_argument("--odd", action="store_true", help="reduce odd blocks (R-MeeTo)")
+    g.add_argument("--distance", default="cosine", choices=["cosine", "l1", "l2"])
+    g.add_argument("--mode", default="sum", choices=["sum", "mean", "max", "min"], help="merge operation")
+    g.add_argument("--kth", type=int, default=1, help="merge into the k-th closest partner")
+    g.add_argument("--grouping", default="odd-even", choices=["odd-even", "front-behind", "random"])
+    g.add_argument("--metric", default="X", choices=["X", "B", "C", "delta", "y"])
+    g.add_argument("--shuffle", action="store_true", help="odd-even shuffle after merging (Table 4)")
+    g.add_argument("--shuffle-ratio", type=float, default=0.0)
+    g.add_argument("--select", default="top", choices=["top", "random"])
+    g.add_argument("--pair", default="best", choices=["best", "random"])
+    g.add_argument("--per-side", type=int, default=None, help="STM: tokens merged per side per block")
+    g.add_argument("--no-hsp", action="store_true", help="STM: plain BNNM without hidden-state protection")
+    g.add_argument("--seed", type=int, default=None, help="seed of the random reduction options")
+
+
+def reduction_from_args(args: argparse.Namespace) -> tuple[str, dict]:
+    """(method, options) for :func:`vimerge.apply` from parsed reduction arguments."""
+    method = args.method or ("rmeeto" if (args.r is not None or args.ratio is not None) else "none")
+    if method == "none":
+        return method, {}
+    amount: dict = {}
+    if args.r is not None:
+        values = [int(v) for v in str(args.r).split(",")]
+        amount["r"] = values[0] if len(values) == 1 else values
+    if args.ratio is not None:
+        amount["ratio"] = args.ratio
+    if method == "stm":
+        opts = dict(amount, hsp=not args.no_hsp)
+        if args.per_side is not None:
+            opts["per_side"] = args.per_side
+        return method, opts
+    return method, dict(amount, interval=args.interval, odd=args.odd, distance=args.distance, mode=args.mode,
+                        kth=args.kth, grouping=args.grouping, metric=args.metric, ordered=not args.shuffle,
+                        shuffle_ratio=args.shuffle_ratio, select=args.select, pair=args.pair, seed=args.seed)
+
+
+def build_model(args: argparse.Namespace):
+    """The model the arguments describe, with its reduction applied (eval mode)."""
+    from .models import create_model
+    from .reduce import apply
+    kwargs = dict(_parse_value_pair(item) for item in args.set)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    model = create_model(args.model, checkpoint=args.checkpoint, scan_backend=args.scan_backend, **kwargs)
+    method, options = reduction_from_args(args)
+    if method != "none":
+        apply(model, method, **options)
+    return model.eval()
+
+
+def _parse_value_pair(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise SystemExit(f"vimerge: --set expects KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), _parse_value(value.strip())
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from .measure import count_flops
+    from .reduce import token_counts
+    model = build_model(args)
+    n0 = model.num_patches + 1
+    counts = token_counts(model)
+    result = {"model": args.model, "method": reduction_from_args(args)[0],
+              "gflops_paper": count_flops(model, "paper") / 1e9, "gflops_full": count_flops(model, "full") / 1e9,
+              "reduction_ratio": 1 - sum(counts) / (len(counts) * n0), "token_counts": counts}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} ({result['method']}): {result['gflops_paper']:.2f} GFLOPs (paper convention), "
+              f"{result['gflops_full']:.2f} GFLOPs (full count); reduction ratio "
+              f"{result['reduction_ratio']:.3f}")
+        print("tokens per block: " + " ".join(map(str, counts)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vimerge",
@@ -46,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, scan backends usable here, registered models")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+
+    flops = sub.add_parser("flops", help="FLOPs per image (paper and full conventions) and tokens per block")
+    add_model_args(flops)
+    add_reduction_args(flops)
+    flops.add_argument("--json", action="store_true", help="print JSON")
+    flops.set_defaults(func=_cmd_flops)
     return parser
 
 

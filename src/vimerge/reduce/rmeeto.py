@@ -40,6 +40,7 @@ class MergePlan:
     slot: Tensor
     num_out: int
     cls_index: int
+    gather: object = None   # cached fast-path indices (see _gather_plan)
 
 
 def _groups(m: int, grouping: str, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
@@ -123,15 +124,59 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     return MergePlan(slot, n - r, new_cls)
 
 
+def _gather_plan(plan: MergePlan) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(first token of every slot (B, N - r), the other kept tokens (B, k), their slots (B, k)).
+
+    The fast path: each output is one gathered token plus the k tokens merged into it, when
+    every image merges the same number of tokens (always true for these methods).
+    """
+    if plan.gather is None:
+        bsz, n = plan.slot.shape
+        slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out)
+        tokens = torch.arange(n, device=slot.device).expand(bsz, n)
+        first = torch.full((bsz, plan.num_out + 1), n, device=slot.device, dtype=torch.long)
+        first.scatter_reduce_(1, slot, tokens, "amin")
+        extra = (first.gather(1, slot) != tokens) & (plan.slot >= 0)
+        counts = extra.sum(1)
+        if (counts != counts[0]).any():
+            plan.gather = False
+        else:
+            others = extra.nonzero()[:, 1].view(bsz, int(counts[0]))
+            plan.gather = (first[:, :plan.num_out], others, slot.gather(1, others))
+    return plan.gather or None
+
+
 def merge_tokens(x: Tensor, plan: MergePlan, mode: str = "sum") -> Tensor:
     """Apply a plan to (B, N, C) -> (B, N - r, C), combining the tokens of one slot by ``mode``.
 
-    Tokens the plan drops (slot -1, pruning) are sent to a spare slot that is cut off.
+    Tokens the plan drops (slot -1, pruning) do not reach the output.
     """
     bsz, n, c = x.shape
-    slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out)
+    fast = _gather_plan(plan)
+    if fast is not None:
+        first, others, other_slot = fast
+        out = x.gather(1, first.unsqueeze(-1).expand(-1, -1, c))
+        if others.shape[1]:
+            extra = x.gather(1, others.unsqueeze(-1).expand(-1, -1, c))
+            idx = other_slot.unsqueeze(-1).expand(-1, -1, c)
+            if mode in ("sum", "mean"):
+                out = out.scatter_add(1, idx, extra)
+            else:
+                out = out.scatter_reduce(1, idx, extra, MODES[mode], include_self=True)
+            if mode == "mean":
+                count = torch.ones_like(out[..., :1]).scatter_add(1, other_slot.unsqueeze(-1),
+                                                                  torch.ones_like(extra[..., :1]))
+                out = out / count
+        return out
+    slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out).unsqueeze(-1)
     out = x.new_zeros(bsz, plan.num_out + 1, c)
-    out = out.scatter_reduce(1, slot.unsqueeze(-1).expand(-1, -1, c), x, MODES[mode], include_self=False)
+    if mode in ("sum", "mean"):
+        out.scatter_add_(1, slot.expand(-1, -1, c), x)
+        if mode == "mean":
+            count = x.new_zeros(bsz, plan.num_out + 1, 1).scatter_add_(1, slot, x.new_ones(bsz, n, 1))
+            out = out / count.clamp_min(1)
+    else:
+        out = out.scatter_reduce(1, slot.expand(-1, -1, c), x, MODES[mode], include_self=False)
     return out[:, :plan.num_out]
 
 
@@ -139,13 +184,15 @@ def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum") -> TokenS
     """Reduce every stream of the state with one plan, weighting tokens by their size.
 
     Like the official code: x' = merge(x * size) / merge(size) and size' = merge(size), with
-    the same ``mode`` for both ("sum" and "mean" give the size-weighted average).
+    the same ``mode`` for both ("sum" and "mean" give the size-weighted average). The hidden
+    and residual streams go through one scatter.
     """
     size = merge_tokens(state.size, plan, mode)
-    hidden = merge_tokens(state.hidden * state.size, plan, mode) / size
-    residual = None
-    if state.residual is not None:
-        residual = merge_tokens(state.residual * state.size, plan, mode) / size
+    streams = [state.hidden] if state.residual is None else [state.hidden, state.residual.to(state.hidden.dtype)]
+    merged = merge_tokens(torch.cat(streams, dim=-1) * state.size, plan, mode) / size
+    hidden, residual = merged.split(state.hidden.shape[-1], dim=-1) if len(streams) == 2 else (merged, None)
+    if residual is not None:
+        residual = residual.to(state.residual.dtype)
     source = None if state.source is None else merge_tokens(state.source, plan, "max")
     return TokenState(hidden, residual, size, plan.cls_index, source, state.layer, state.extras)
 
