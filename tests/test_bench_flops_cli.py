@@ -1,0 +1,44 @@
+"""`vimerge flops` and the throughput benchmark on a tiny model (no timing assertions)."""
+
+import argparse
+import json
+
+import pytest
+
+import vimerge
+from vimerge.cli import add_model_args, add_reduction_args, main
+from vimerge.measure import count_flops
+from vimerge.measure.bench import add_bench_args, run_bench
+
+TINY = ["--model", "vim_tiny", "--set", "depth=4", "--set", "embed_dim=16", "--img-size", "32",
+        "--set", "patch_size=4", "--set", "stride=4", "--num-classes", "3"]
+
+
+def test_flops_command_matches_count_flops(capsys):
+    assert main(["flops", *TINY, "--r", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = vimerge.create_model("vim_tiny", depth=4, embed_dim=16, img_size=32, patch_size=4, stride=4,
+                                 num_classes=3)
+    vimerge.apply(model, "rmeeto", r=8)
+    assert out["gflops_paper"] * 1e9 == pytest.approx(count_flops(model, "paper"), rel=1e-12)
+    assert out["gflops_full"] * 1e9 == pytest.approx(count_flops(model, "full"), rel=1e-12)
+    assert out["token_counts"] == [65, 65, 57, 57]
+    assert abs(out["reduction_ratio"] - (1 - (65 * 2 + 57 * 2) / (4 * 65))) < 1e-12
+
+
+def test_bench_rows(capsys):
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    add_reduction_args(p)
+    add_bench_args(p)
+    args = p.parse_args([*TINY, "--ratios", "0,0.1", "--batch-size", "2", "--repeats", "2", "--json",
+                         "--method", "prune"])
+    assert run_bench(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["none", "prune"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["token_ratio"] == 0.0
+    assert rows[1]["gflops_paper"] < rows[0]["gflops_paper"]
+    assert 0.05 < rows[1]["token_ratio"] < 0.15
+    for r in rows:
+        assert r["img_s"] > 0 and r["img_s_min"] <= r["img_s"] <= r["img_s_max"]
+        assert 0.0 <= r["reduce_share"] < 1.0
