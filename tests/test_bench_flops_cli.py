@@ -42,3 +42,10 @@ def test_bench_rows(capsys):
     for r in rows:
         assert r["img_s"] > 0 and r["img_s_min"] <= r["img_s"] <= r["img_s_max"]
         assert 0.0 <= r["reduce_share"] < 1.0
+
+
+def test_bench_command_prints_a_table(capsys):
+    assert main(["bench", *TINY, "--ratios", "0,0.1", "--batch-size", "1", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| ratio |") and len(lines) == 5
+    assert lines[3].startswith("| 0.00 |") and "1.00x" in lines[3]

@@ -159,6 +159,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_reduction_args(flops)
     flops.add_argument("--json", action="store_true", help="print JSON")
     flops.set_defaults(func=_cmd_flops)
+
+    from .measure.evaluate import add_eval_args
+
+    def _cmd_eval(args: argparse.Namespace) -> int:
+        from .measure.evaluate import run_eval
+        return run_eval(args)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 accuracy and loss on an ImageFolder directory or "
+                                     "Fashion-MNIST; --sweep for several methods and ratios")
+    add_model_args(ev)
+    add_reduction_args(ev)
+    add_eval_args(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+    from .measure.bench import add_bench_args
+
+    def _cmd_bench(args: argparse.Namespace) -> int:
+        from .measure.bench import run_bench
+        return run_bench(args)
+
+    bench = sub.add_parser("bench", help="images/s, speed-up, FLOPs and peak memory at several reduction "
+                                         "ratios (the R-MeeTo paper's Table 12 for this machine)")
+    add_model_args(bench)
+    add_reduction_args(bench)
+    add_bench_args(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    from .train.options import add_train_args
+
+    def _cmd_retrain(args: argparse.Namespace) -> int:
+        from .train.options import cmd_retrain
+        return cmd_retrain(args)
+
+    retrain = sub.add_parser("retrain", help="re-train a token-reduced Vim (R-MeeTo recipe); "
+                                             "also under torchrun for several GPUs/nodes")
+    add_model_args(retrain)
+    add_reduction_args(retrain)
+    add_train_args(retrain)
+    retrain.set_defaults(func=_cmd_retrain)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""Evaluation data without torchvision: ImageFolder directories and Fashion-MNIST IDX files.
+
+>>> from vimerge.data import open_dataset, make_loader
+>>> ds = open_dataset("/data/imagenet/val", img_size=224, channels=3)    # ImageFolder layout
+>>> ds = open_dataset(None, kind="fashion-mnist", img_size=28)           # the Debian package
+>>> loader = make_loader(ds, batch_size=64)      # batches are (images, labels, skipped)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from .fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
+from .fashion_mnist import FashionMNIST, FashionMNISTNotFound, is_fashion_mnist_dir, load_split, read_idx
+from .imagefolder import IMG_EXTENSIONS, Batch, DatasetError, ImageFolder, Skipped, collate_skipping, subset_evenly
+from .transforms import (
+    DEFAULT_CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    center_crop,
+    normalize,
+    resize_shorter,
+    to_tensor,
+)
+
+KINDS = ("auto", "imagefolder", "fashion-mnist")
+
+
+def detect_kind(root: str | os.PathLike | None, split: str = "test") -> str:
+    """``"fashion-mnist"`` when ``root`` holds Fashion-MNIST IDX files (or is None: the installed
+    package), else ``"imagefolder"``."""
+    if root is None or is_fashion_mnist_dir(root, split) or is_fashion_mnist_dir(root):
+        return "fashion-mnist"
+    return "imagefolder"
+
+
+def open_dataset(root: str | os.PathLike | None, *, kind: str = "auto", img_size: int | Sequence[int] = 224,
+                 channels: int = 3, split: str = "test", limit: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bicubic"):
+    """The evaluation dataset at ``root`` preprocessed for a model's ``img_size``/``channels``.
+
+    ``kind`` is ``imagefolder``, ``fashion-mnist`` or ``auto`` (see :func:`detect_kind`).
+    ``split`` applies to Fashion-MNIST; an ImageFolder directory is one split already.
+    ``mean``/``std`` default to ImageNet's (ImageFolder) or Fashion-MNIST's; ``crop_pct`` and
+    ``interpolation`` apply to ImageFolder images.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "auto":
+        kind = detect_kind(root, split)
+    if kind == "fashion-mnist":
+        stats = {}
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                values = tuple(value)
+                if len(set(values)) != 1:
+                    raise ValueError(f"Fashion-MNIST is grey: give one {name} value, got {values}")
+                stats[name] = values[0]
+        return FashionMNIST(root, split, img_size=img_size, channels=channels, limit=limit, **stats)
+    if root is None:
+        raise DatasetError("an ImageFolder dataset needs a directory (--data DIR)")
+    transform = EvalTransform(img_size, channels=channels, mean=mean, std=std, crop_pct=crop_pct,
+                              interpolation=interpolation)
+    return ImageFolder(root, transform, limit=limit)
+
+
+def make_loader(dataset, batch_size: int = 64, workers: int = 0, *, pin_memory: bool = False):
+    """A sequential DataLoader whose batches are :class:`Batch` (unreadable files dropped)."""
+    from torch.utils.data import DataLoader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_skipping, pin_memory=pin_memory,
+                      persistent_workers=False)
+
+
+__all__ = ["open_dataset", "make_loader", "detect_kind", "KINDS", "ImageFolder", "FashionMNIST",
+           "FashionMNISTNotFound", "DatasetError", "Skipped", "Batch", "collate_skipping",
+           "subset_evenly", "read_idx", "load_split", "is_fashion_mnist_dir", "EvalTransform",
+           "resize_shorter", "center_crop", "to_tensor", "normalize", "IMAGENET_MEAN", "IMAGENET_STD",
+           "DEFAULT_CROP_PCT", "IMG_EXTENSIONS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT"]
