@@ -1,0 +1,129 @@
+"""Training data: the subset (Table 8), a resumable deterministic order, and opening ``--data``.
+
+The order of epoch ``e`` is a permutation of the subset drawn from ``(seed, e)``. Micro-batch
+``m`` of the epoch is the slice ``[m * G, (m + 1) * G)`` of that permutation, ``G`` = per-device
+batch x world size, and process ``k`` takes rows ``[k * B, (k + 1) * B)`` of it: the global
+batch is the same for any number of processes, and a resumed run starts at micro-batch ``m``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def subset_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """``round(fraction * n)`` indices of ``range(n)`` drawn with ``seed`` (sorted); all for 1."""
+    if fraction >= 1.0:
+        return list(range(n))
+    k = max(1, round(fraction * n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return sorted(perm[:k].tolist())
+
+
+def epoch_order(indices: Sequence[int], seed: int, epoch: int) -> list[int]:
+    """The subset's indices in the order of ``epoch``."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(indices), generator=gen).tolist()
+    return [indices[i] for i in perm]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of one process for one epoch, from micro-batch ``start`` on (see module doc)."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, num_micro: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        self.order = epoch_order(indices, seed, epoch)
+        self.batch_size, self.num_micro, self.start = batch_size, num_micro, start
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch_size * self.world_size
+        for m in range(self.start, self.num_micro):
+            base = m * g + self.rank * self.batch_size
+            yield self.order[base:base + self.batch_size]
+
+    def __len__(self) -> int:
+        return max(0, self.num_micro - self.start)
+
+
+def collate_train(samples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(image, label)`` samples. A sample the dataset could not read (a ``Skipped``
+    record or None) is replaced by a readable sample of the same batch, so that every process
+    keeps the same batch size; a batch with none readable raises."""
+    good = [s for s in samples if isinstance(s, (tuple, list)) and len(s) == 2
+            and isinstance(s[0], torch.Tensor)]
+    if not good:
+        raise RuntimeError(f"no readable sample in a training batch: {list(samples)[:3]}")
+    bad = len(samples) - len(good)
+    if bad:
+        log.warning("skipped %d unreadable training sample(s): %s", bad,
+                    [getattr(s, "path", s) for s in samples if s not in good][:3])
+    filled = [good[i % len(good)] for i in range(len(samples))] if bad else list(good)
+    images = torch.stack([s[0] for s in filled])
+    labels = torch.as_tensor([int(s[1]) for s in filled], dtype=torch.long)
+    return images, labels
+
+
+def collate_eval(samples: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    good = [s for s in samples if isinstance(s, (tuple, list)) and len(s) == 2
+            and isinstance(s[0], torch.Tensor)]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long)
+    return torch.stack([s[0] for s in good]), torch.as_tensor([int(s[1]) for s in good])
+
+
+def num_classes_of(dataset: Dataset) -> int | None:
+    """The class count a dataset declares (``classes``), or None."""
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes is not None else None
+
+
+def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val: str | None = "auto",
+              augment: str = "light", rand_augment: str = "", eval_limit: int | None = None
+              ) -> tuple[Dataset, Dataset | None]:
+    """``(train, val)`` datasets for ``--data``: Fashion-MNIST IDX files (train and test
+    splits) or an ImageFolder directory (``DIR/train`` and ``DIR/val`` when both exist, else
+    ``DIR`` itself and no validation set). ``val`` may name another directory or be None."""
+    from ..data import detect_kind, open_dataset
+    from ..data.imagefolder import ImageFolder
+    from ..data.transforms import EvalTransform
+    kind = detect_kind(root, "train")
+    if kind == "fashion-mnist":
+        train = open_dataset(root, kind=kind, split="train", img_size=img_size, channels=channels)
+        val_ds = None
+        if val == "auto":
+            val_ds = open_dataset(root, kind=kind, split="test", img_size=img_size,
+                                  channels=channels, limit=eval_limit)
+        elif val:
+            val_ds = open_dataset(val, img_size=img_size, channels=channels, split="test",
+                                  limit=eval_limit)
+        return train, val_ds
+    base = Path(root).expanduser()
+    train_dir, val_dir = base, None
+    if (base / "train").is_dir():
+        train_dir = base / "train"
+        val_dir = base / "val" if (base / "val").is_dir() else None
+    if augment == "timm":
+        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        from .augment import timm_train_transform
+        size = img_size if isinstance(img_size, int) else img_size[0]
+        transform = timm_train_transform(size, channels, rand_augment, IMAGENET_MEAN, IMAGENET_STD)
+    else:  # the whole shorter side, centre-cropped; crops and flips come per batch
+        transform = EvalTransform(img_size, channels=channels, crop_pct=1.0)
+    train = ImageFolder(train_dir, transform)
+    train.pil_augmented = augment == "timm"   # crops and flips already done on PIL images
+    val_ds = None
+    if val == "auto" and val_dir is not None:
+        val_ds = open_dataset(os.fspath(val_dir), kind="imagefolder", img_size=img_size,
+                              channels=channels, limit=eval_limit)
+    elif val and val != "auto":
+        val_ds = open_dataset(val, img_size=img_size, channels=channels, limit=eval_limit)
+    return train, val_ds

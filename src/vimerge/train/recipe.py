@@ -1,0 +1,305 @@
+"""The re-training recipe: configuration, learning-rate schedule, parameter groups, EMA.
+
+Defaults follow the R-MeeTo paper (Sec. 4.1 and App. B): AdamW, learning rate cosine-decayed
+per optimizer step from 2e-5 to 1e-6, weight decay 0.05, effective batch 1024 (per-device batch
+x gradient accumulation x world size), 3 epochs; EMA with decay 0.996 as for Vim-B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+DISTILL_TYPES = ("none", "soft", "hard")
+AUGMENTS = ("light", "none", "timm")
+CROPS = ("auto", "rrc", "pad", "none")
+
+
+@dataclass
+class RetrainConfig:
+    """Everything a re-training run needs; :func:`vimerge.train.retrain` takes one.
+
+    Model: ``model`` (registered name), ``checkpoint`` (weights to start from and, with
+    ``distill``, the teacher), ``num_classes`` / ``img_size`` (None: the data's classes / the
+    preset's size), ``model_kwargs`` (other constructor arguments), ``scan_backend``.
+    Reduction: ``method`` and ``reduction`` (options of :func:`vimerge.apply`).
+    Data: ``data`` (Fashion-MNIST IDX directory or ImageFolder directory, auto-detected),
+    ``val_data`` ("auto": Fashion-MNIST's test split, or DIR/val next to DIR/train), ``fraction``
+    of the training set (Table 8; the subset is drawn with ``data_seed``, default ``seed``).
+    Steps: ``batch_size`` per device, ``accum_steps`` (None: the fewest that reach
+    ``effective_batch`` with the world size), ``epochs``, ``max_steps`` (stop after this global
+    optimizer step with a checkpoint, as an interruption would).
+    Loss: cross-entropy with ``label_smoothing`` (soft-target cross-entropy under timm's
+    mixup/cutmix). ``distill`` adds a teacher, the loaded model *without* reduction (frozen):
+    ``"soft"`` is ``tau**2 * KL(teacher || student)`` on logits softened by ``distill_tau``,
+    ``"hard"`` the cross-entropy on the teacher's top class (DeiT's hard distillation; Vim has
+    no distillation token, so both act on the class-token logits); the loss is
+    ``(1 - distill_alpha) * ce + distill_alpha * kd``. The paper re-trains with plain
+    cross-entropy, so the default is ``"none"``.
+    """
+
+    # model and reduction
+    model: str = "vim_tiny"
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    scan_backend: str = "auto"
+    method: str = "rmeeto"
+    reduction: dict[str, Any] = field(default_factory=lambda: {"r": 11})
+    # data
+    data: str | None = None
+    val_data: str | None = "auto"
+    fraction: float = 1.0
+    data_seed: int | None = None
+    workers: int = 4
+    eval_batch_size: int | None = None
+    eval_limit: int | None = None
+    # steps
+    epochs: int = 3
+    batch_size: int = 128
+    effective_batch: int = 1024
+    accum_steps: int | None = None
+    max_steps: int | None = None
+    # optimisation
+    lr: float = 2e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = None
+    label_smoothing: float = 0.1
+    drop_path: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.996
+    distill: str = "none"
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
+    amp: str = "auto"
+    # augmentation
+    augment: str = "light"
+    crop: str = "auto"
+    crop_padding: int | None = None
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    reprob: float = 0.25
+    # run
+    seed: int = 0
+    device: str = "auto"
+    output: str = "runs/retrain"
+    resume: bool = False
+    overwrite: bool = False
+    save_every: int = 0
+    log_every: int = 10
+    eval_every: int = 1
+    progress: bool = True
+    tensorboard: bool | None = None
+    dist_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)            # type: ignore[assignment]
+        self.rrc_scale = tuple(self.rrc_scale)    # type: ignore[assignment]
+        checks = [
+            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (self.distill in DISTILL_TYPES, f"distill must be one of {DISTILL_TYPES}, got {self.distill!r}"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (self.crop in CROPS, f"crop must be one of {CROPS}, got {self.crop!r}"),
+            (0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.accum_steps is None or self.accum_steps >= 1, "accum_steps must be >= 1"),
+            (self.effective_batch >= 1, "effective_batch must be >= 1"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be in [0, 1]"),
+            (self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RetrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# fields a resumed run may change; everything else comes from the checkpoint's configuration
+RESUME_MUTABLE = ("output", "resume", "overwrite", "workers", "max_steps", "device", "progress",
+                  "tensorboard", "save_every", "log_every", "eval_every", "eval_batch_size",
+                  "eval_limit", "dist_backend", "data", "val_data", "checkpoint", "scan_backend")
+
+
+# ---------------------------------------------------------------------------------------------
+# batch arithmetic
+
+
+def resolve_accum(batch_size: int, world_size: int, effective_batch: int,
+                  accum_steps: int | None = None) -> tuple[int, int]:
+    """``(accum_steps, effective_batch)``: the given accumulation, or the fewest steps whose
+    ``batch_size * accum * world_size`` reaches ``effective_batch`` (the result may exceed it
+    when it is not a multiple of ``batch_size * world_size``)."""
+    per_step = batch_size * world_size
+    accum = accum_steps if accum_steps is not None else max(1, math.ceil(effective_batch / per_step))
+    return accum, per_step * accum
+
+
+# ---------------------------------------------------------------------------------------------
+# learning rate
+
+
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int = 0,
+          warmup_lr: float = 1e-6) -> float:
+    """Learning rate of optimizer update ``step`` (0-based) of ``total_steps``.
+
+    Warm-up: updates ``0 .. warmup_steps - 1`` rise linearly from ``warmup_lr`` towards ``lr``
+    (``warmup_lr + (lr - warmup_lr) * step / warmup_steps``). Then a cosine from ``lr`` (first
+    update after warm-up) to exactly ``min_lr`` (last update)::
+
+        lr(t) = min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W - 1))) / 2
+    """
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    span = total_steps - warmup_steps - 1
+    if span <= 0:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CosineSchedule:
+    """Sets the optimizer's learning rate per update from :func:`lr_at`; ``step()`` after each
+    update. Its state is the number of updates done."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, lr: float, min_lr: float,
+                 warmup_steps: int = 0, warmup_lr: float = 1e-6):
+        self.optimizer = optimizer
+        self.total_steps, self.lr, self.min_lr = total_steps, lr, min_lr
+        self.warmup_steps, self.warmup_lr = warmup_steps, warmup_lr
+        self.last_step = 0
+        self._apply()
+
+    def get_lr(self) -> float:
+        return lr_at(self.last_step, self.total_steps, self.lr, self.min_lr, self.warmup_steps,
+                     self.warmup_lr)
+
+    def _apply(self) -> None:
+        value = self.get_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = int(state["last_step"])
+        self._apply()
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter groups
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters trained without weight decay: biases, norms and other 1-d parameters,
+    A_log / A_b_log / D / D_b, the position embedding and the class token (the model's own
+    ``no_weight_decay()`` when it has one, plus the 1-d rule for any model)."""
+    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 or leaf in ("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token"):
+            names.add(name)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups, ``decay`` and ``no_decay`` (each lists its parameter ``names``)."""
+    skip = no_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip else decay).append((name, p))
+    return [{"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay],
+             "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [p for _, p in no_decay],
+             "names": [n for n, _ in no_decay], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: RetrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, config.weight_decay)
+    kwargs: dict[str, Any] = {}
+    if any(p.is_cuda for g in groups for p in g["params"]):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of a model's weights, updated after every optimizer step::
+
+        ema = decay * ema + (1 - decay) * weights
+
+    Floating-point parameters and buffers are averaged in fp32; other buffers are copied.
+    ``module`` is a full copy of the model (with its reduction) for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.996):
+        import copy
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.decay
+        src = model.state_dict()
+        for name, ema_t in self.module.state_dict().items():
+            t = src[name].detach()
+            if ema_t.is_floating_point():
+                ema_t.mul_(d).add_(t.to(ema_t.dtype), alpha=1.0 - d)
+            else:
+                ema_t.copy_(t)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.module.state_dict(), "decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.decay = float(state["decay"])
+        self.updates = int(state["updates"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or torch.compile) wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def group_names(groups: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    return {g["name"]: list(g["names"]) for g in groups}
