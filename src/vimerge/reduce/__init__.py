@@ -60,3 +60,8 @@ def token_counts(model, num_tokens: int | None = None) -> list[int]:
 
 __all__ = ["apply", "remove", "register_method", "token_counts", "reduction_ratio", "r_for_ratio",
            "RMeeTo", "Prune", "TokenState", "METHODS"]
+
+from . import stm  # noqa: E402,F401  (registers "stm"; imported last: stm.py uses register_method)
+from .stm import STM  # noqa: E402
+
+__all__ += ["STM"]

@@ -1,0 +1,397 @@
+"""STM (Sequential Token Merging): BNNM token selection with HSP merge weights.
+
+Two parts, both described in ``docs/stm.md``:
+
+* **BNNM** (bidirectional nearest-neighbour merging) decides *which* tokens go and *where* they
+  go, without looking at the data. Each side of the middle class token gives up ``per_side``
+  tokens per reducing block, at fixed positions that sweep from the far end of the side toward
+  the class token (distance fading: far tokens are merged first). A removed token is merged into
+  the nearest token that remains, on its class-token side. Token order is preserved; the class
+  token is never removed and never absorbs anything.
+* **HSP** (hidden-state protection) decides *how much* each absorbed token counts. The weight
+  is derived from the Mamba recurrence of the scan that carries the removed token toward the
+  class token, using the time steps, ``B`` and ``C`` that the *previous* block recorded at
+  those positions (``hsp=False`` gives the size-weighted average of R-MeeTo).
+
+Sweep positions (the BNNM schedule). With ``N`` tokens, the class token at ``c`` and
+``T = floor(ratio * N + 1/2)`` tokens to remove in total, the left side (``L = c`` tokens) gives
+``T_L`` tokens and the right side (``R = N - 1 - c``) gives ``T_R = T - T_L``; the odd token
+goes to the longer side, to the left on a tie. Side ``s`` of length ``S`` removes, in this
+order, the tokens at distance ``floor(k * S / T_s)`` from its far end, ``k = 0 .. T_s - 1``
+(left: original position ``floor(k L / T_L)``; right: ``N - 1 - floor(k R / T_R)``). The
+stride ``S / T_s >= 1`` spreads the removed tokens evenly over the side, so the sweep reaches
+its nearest position, ``S / T_s`` tokens from the class token, exactly when the target is met;
+the token next to the class token is never removed (at most ``S - 1`` per side). Blocks
+``start_layer, start_layer + 1, ...`` each take the next ``per_side`` positions of every side
+(fewer in the last one), and reduction stops once ``T`` tokens are gone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rmeeto import MergePlan, merge_state, merge_tokens
+from .schedule import ratio_from_counts
+from .state import TokenState
+
+COLLAPSES = ("attention", "decay")
+
+
+# ---------------------------------------------------------------------------- BNNM schedule
+@dataclass(frozen=True)
+class MergeStep:
+    """What one reducing block does, in the indices of the sequence entering it.
+
+    Attributes:
+        layer: the block.
+        num_in: tokens before the step; ``num_out`` after it.
+        cls_in / cls_out: the class token's index before / after.
+        removed: indices of the removed tokens (left side, then right side, each far to near).
+        target: for each removed token, the index of the remaining token it merges into.
+        side: -1 for a left-side token (forward scan carries it to the class token), +1 right.
+        origin: the original (block-0) position of each removed token.
+    """
+    layer: int
+    num_in: int
+    cls_in: int
+    removed: tuple[int, ...]
+    target: tuple[int, ...]
+    side: tuple[int, ...]
+    origin: tuple[int, ...]
+
+    @property
+    def num_out(self) -> int:
+        return self.num_in - len(self.removed)
+
+    @property
+    def cls_out(self) -> int:
+        return self.cls_in - sum(1 for s in self.side if s < 0)
+
+    def slot(self) -> list[int]:
+        """Output index of every input token (removed tokens get their target's)."""
+        gone = set(self.removed)
+        slot, k = [0] * self.num_in, 0
+        for t in range(self.num_in):
+            if t not in gone:
+                slot[t] = k
+                k += 1
+        for j, i in zip(self.removed, self.target):
+            slot[j] = slot[i]
+        return slot
+
+    def plan(self, batch: int, device) -> MergePlan:
+        slot = torch.tensor(self.slot(), dtype=torch.long, device=device)
+        return MergePlan(slot.expand(batch, -1), self.num_out, self.cls_out)
+
+
+def target_tokens(ratio: float, num_tokens: int) -> int:
+    """Tokens gone at the end: ``ratio`` of all ``num_tokens`` (class token included), rounded."""
+    return math.floor(ratio * num_tokens + 0.5)
+
+
+def default_per_side(ratio: float) -> int:
+    """The paper's setting: 1 token per side per block up to 15 % reduction, 2 above."""
+    return 1 if ratio <= 0.15 else 2
+
+
+def side_targets(total: int, left: int, right: int) -> tuple[int, int]:
+    """Split ``total`` removals between the sides; the odd one to the longer side (left on a tie)."""
+    small, big = total // 2, total - total // 2
+    return (big, small) if left >= right else (small, big)
+
+
+def sweep_offsets(side_len: int, count: int) -> list[int]:
+    """Distances from the far end of a side of the tokens it gives up, in removal order."""
+    return [(k * side_len) // count for k in range(count)]
+
+
+def bnnm_schedule(num_tokens: int, depth: int, ratio: float, per_side: int | None = None,
+                  start_layer: int = 1, cls_index: int | None = None) -> list[MergeStep | None]:
+    """The BNNM step of every block (None where a block does not reduce).
+
+    ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``. Raises ValueError
+    for requests that cannot be met (see the module docstring for the positions).
+    """
+    check_ratio(ratio)
+    if per_side is None:
+        per_side = default_per_side(ratio)
+    if per_side < 1:
+        raise ValueError(f"per_side must be >= 1, got {per_side}")
+    if not 0 <= start_layer:
+        raise ValueError(f"start_layer must be >= 0, got {start_layer}")
+    c = (num_tokens - 1) // 2 if cls_index is None else cls_index
+    if not 0 <= c < num_tokens:
+        raise ValueError(f"class token index {c} is outside a sequence of {num_tokens} tokens")
+    left, right = c, num_tokens - 1 - c
+    total = target_tokens(ratio, num_tokens)
+    t_left, t_right = side_targets(total, left, right)
+    cap = max(left - 1, 0), max(right - 1, 0)   # the class token's neighbours stay
+    if total and per_side > max(cap):
+        raise ValueError(f"per_side={per_side} is more than the {max(cap)} tokens one side of the class "
+                         f"token can give ({left} left, {right} right of it, its neighbours stay)")
+    if t_left > cap[0] or t_right > cap[1]:
+        raise ValueError(f"ratio {ratio} asks for {total} of {num_tokens} tokens ({t_left} left, {t_right} "
+                         f"right of the class token) but a side can give at most its length minus one "
+                         f"({cap[0]} left, {cap[1]} right); lower the ratio")
+    need = math.ceil(max(t_left, t_right) / per_side) if total else 0
+    if start_layer + need > depth:
+        raise ValueError(f"ratio {ratio} with per_side={per_side} needs {need} reducing blocks from block "
+                         f"{start_layer}, but the model has {depth} blocks; raise per_side to "
+                         f"{math.ceil(max(t_left, t_right) / max(depth - start_layer, 1))} or lower "
+                         f"start_layer/ratio")
+    queues = ([p for p in sweep_offsets(left, t_left)],
+              [num_tokens - 1 - d for d in sweep_offsets(right, t_right)])
+    alive = list(range(num_tokens))       # original positions of the current tokens
+    steps: list[MergeStep | None] = [None] * depth
+    for layer in range(start_layer, start_layer + need):
+        k = layer - start_layer
+        take_left = queues[0][k * per_side:(k + 1) * per_side]
+        take_right = queues[1][k * per_side:(k + 1) * per_side]
+        gone = set(take_left) | set(take_right)
+        index = {p: i for i, p in enumerate(alive)}
+        pairs = []                # (removed, target, side) in original positions
+        for p in take_left:       # merge rightward into the nearest remaining token
+            pairs.append((p, next(a for a in alive[index[p] + 1:] if a not in gone), -1))
+        for p in take_right:      # merge leftward
+            pairs.append((p, next(a for a in reversed(alive[:index[p]]) if a not in gone), 1))
+        removed = [index[p] for p, _, _ in pairs]
+        target = [index[q] for _, q, _ in pairs]
+        side = [s for _, _, s in pairs]
+        steps[layer] = MergeStep(layer, len(alive), alive.index(c), tuple(removed), tuple(target),
+                                 tuple(side), tuple(take_left + take_right))
+        alive = [a for a in alive if a not in gone]
+    return steps
+
+
+def schedule_counts(steps: list[MergeStep | None], num_tokens: int) -> list[int]:
+    """Tokens each block's mixer sees under a schedule."""
+    counts, n = [], num_tokens
+    for step in steps:
+        if step is not None:
+            n = step.num_out
+        counts.append(n)
+    return counts
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio is the fraction of tokens removed by the end and must be in [0, 1), "
+                         f"got {ratio}")
+
+
+# ---------------------------------------------------------------------------- HSP weights
+def merge_coefficients(dt: Tensor, B: Tensor, C: Tensor, A: Tensor, removed: Tensor, target: Tensor,
+                       level: str = "token", collapse: str = "attention") -> Tensor:
+    """HSP coefficients of removed tokens merging into later tokens of a forward scan.
+
+    The scan runs over increasing index; every ``removed[p] < target[p]``, and the tokens
+    strictly between them are removed too (so only ``target[p]`` remains after them). For the
+    backward scan flip the tensors and the indices first (see :func:`direction_weights`).
+
+    Args:
+        dt: (b, D, N) positive time steps (after bias and softplus).
+        B, C: (b, n, N) input and output projections; A: (D, n), negative.
+        removed, target: (P,) long indices j and i.
+        level: "state" gives the merging function's coefficient per (channel, state),
+            ``exp(A S) dt_j B_j / (dt_i B_i)``, shape (b, D, n, P) (exact for the state h_i);
+            "channel" contracts the state with ``C_i`` (exact for the output y_i),
+            ``sum_n C_i exp(A S) B_j dt_j / (dt_i C_i . B_i)``, shape (b, D, P);
+            "token" collapses the channels, ratio of channel sums, shape (b, P).
+        collapse: "attention" (the formulas above) or "decay" (B and C set to ones: only the
+            time steps and A, i.e. the weight of a token whose B, C equal the target's).
+
+    ``S = dt_{j+1} + ... + dt_i`` is the decay exponent from j to i.
+    """
+    if collapse not in COLLAPSES:
+        raise ValueError(f"unknown collapse {collapse!r}; choose one of {', '.join(COLLAPSES)}")
+    if collapse == "decay":
+        B = torch.ones_like(B)
+        C = torch.ones_like(C)
+    cs = dt.cumsum(-1)
+    S = cs[..., target] - cs[..., removed]                             # (b, D, P)
+    decay = torch.exp(A[None, :, :, None] * S[:, :, None, :])           # (b, D, n, P)
+    dt_j, dt_i = dt[..., removed], dt[..., target]                      # (b, D, P)
+    B_j, B_i, C_i = B[..., removed], B[..., target], C[..., target]    # (b, n, P)
+    if level == "state":
+        return decay * (dt_j / dt_i)[:, :, None] * (B_j / B_i)[:, None]
+    num = dt_j * torch.einsum("bnp,bdnp->bdp", C_i * B_j, decay)       # alpha(i, j) per channel
+    den = dt_i * (C_i * B_i).sum(1)[:, None]                           # alpha(i, i) per channel
+    if level == "channel":
+        return num / den
+    if level != "token":
+        raise ValueError(f"level must be 'state', 'channel' or 'token', got {level!r}")
+    return num.sum(1) / den.sum(1)
+
+
+def direction_weights(dt: Tensor, B: Tensor, C: Tensor, A: Tensor, removed: list[int], target: list[int],
+                      backward: bool, collapse: str = "attention") -> Tensor:
+    """Token-level HSP coefficients (b, P) for one scan direction, in token order.
+
+    ``backward`` scans from the last token to the first (right side of the class token:
+    ``removed > target``); it is handled by flipping the sequence.
+    """
+    n = dt.shape[-1]
+    if backward:
+        dt, B, C = dt.flip(-1), B.flip(-1), C.flip(-1)
+        removed, target = [n - 1 - j for j in removed], [n - 1 - i for i in target]
+    dev = dt.device
+    return merge_coefficients(dt, B, C, A, torch.tensor(removed, device=dev), torch.tensor(target, device=dev),
+                              "token", collapse)
+
+
+def clean_weights(w: Tensor, max_weight: float) -> Tensor:
+    """Clip coefficients to [0, max_weight] (negative / undefined -> 0, overflow -> max_weight)."""
+    w = torch.nan_to_num(w, nan=0.0, posinf=max_weight, neginf=0.0)
+    return w.clamp(0.0, max_weight)
+
+
+def weighted_merge(state: TokenState, plan: MergePlan, omega: Tensor) -> TokenState:
+    """Merge every stream with token weights ``size * omega`` (omega (b, N, 1) >= 0, 1 = plain).
+
+    x' = sum(size omega x) / sum(size omega) over the tokens of a slot; sizes keep counting
+    original tokens (size' = sum size), sources are or-ed.
+    """
+    w = state.size * omega
+    norm = merge_tokens(w, plan)
+    hidden = merge_tokens(state.hidden * w, plan) / norm
+    residual = None if state.residual is None else merge_tokens(state.residual * w, plan) / norm
+    size = merge_tokens(state.size, plan)
+    source = None if state.source is None else merge_tokens(state.source, plan, "max")
+    return TokenState(hidden.to(state.hidden.dtype), residual, size, plan.cls_index, source, state.layer,
+                      state.extras)
+
+
+# ---------------------------------------------------------------------------- the reducer
+@dataclass
+class STM:
+    """Sequential Token Merging as a reducer (``vimerge.apply(model, "stm", ratio=0.2)``).
+
+    Args:
+        ratio: fraction of the tokens (class token included) gone after the last reducing
+            block, e.g. 0.2 removes ``round(0.2 N)`` tokens; in [0, 1).
+        per_side: tokens removed per side of the class token per reducing block; default as in
+            the paper, 1 for ``ratio <= 0.15`` and 2 above.
+        start_layer: first reducing block (default 1: HSP needs the previous block's records).
+        hsp: weight absorbed tokens by the hidden-state-protection coefficients; False gives
+            plain BNNM with the size-weighted average of R-MeeTo.
+        collapse: how HSP's per-(channel, state) coefficients become one weight per token:
+            "attention" (contract the states with the target's C, ratio of channel sums;
+            default) or "decay" (ignore B and C). See docs/stm.md.
+        max_weight: HSP weights are clipped to [0, max_weight]; the default 1 lets no absorbed
+            token outweigh the token it merges into (measured best of 1, 2, 4, none).
+        track_source: keep the (B, N, N0) map of original tokens per token.
+
+    After a forward, ``weights`` maps each reducing block to its (B, P) HSP weights (in the
+    order of ``MergeStep.removed``) and ``fallbacks`` lists ``(block, reason)`` where HSP fell
+    back to BNNM's plain average.
+    """
+    ratio: float = 0.2
+    per_side: int | None = None
+    start_layer: int = 1
+    hsp: bool = True
+    collapse: str = "attention"
+    max_weight: float = 1.0
+    track_source: bool = False
+    name: str = field(default="stm", repr=False)
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        if self.per_side is not None and self.per_side < 1:
+            raise ValueError(f"per_side must be >= 1, got {self.per_side}")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+        if self.collapse not in COLLAPSES:
+            raise ValueError(f"unknown collapse {self.collapse!r}; choose one of {', '.join(COLLAPSES)}")
+        if not self.max_weight > 0:
+            raise ValueError(f"max_weight must be > 0, got {self.max_weight}")
+        self._steps: list[MergeStep | None] = []
+        self.weights: dict[int, Tensor] = {}
+        self.fallbacks: list[tuple[int, str]] = []
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[MergeStep | None]:
+        """The BNNM step of every block (see :func:`bnnm_schedule`)."""
+        return bnnm_schedule(num_tokens, depth, self.ratio, self.per_side, self.start_layer, cls_index)
+
+    def token_counts(self, num_tokens: int, depth: int) -> list[int]:
+        """Tokens each block's mixer sees (class token at ``(num_tokens - 1) // 2``, as in Vim)."""
+        return schedule_counts(self.schedule(num_tokens, depth), num_tokens)
+
+    def reduction_ratio(self, num_tokens: int, depth: int) -> float:
+        """1 - mean tokens per block / initial tokens."""
+        return ratio_from_counts(self.token_counts(num_tokens, depth), num_tokens)
+
+    # ------------------------------------------------------------------ reducer protocol
+    def prepare(self, model, num_tokens: int) -> None:
+        depth = len(model.layers)
+        self._steps = self.schedule(num_tokens, depth, model.cls_index)
+        self.weights, self.fallbacks = {}, []
+        for i, block in enumerate(model.layers):
+            wanted = self.hsp and i + 1 < depth and self._steps[i + 1] is not None
+            block.mixer.record = wanted
+            if wanted:
+                block.mixer.recorded = {}
+
+    def reduce(self, state: TokenState, model) -> TokenState:
+        step = self._steps[state.layer] if state.layer < len(self._steps) else None
+        if step is None:
+            return state
+        if state.num_tokens != step.num_in or state.cls_index != step.cls_in:
+            raise RuntimeError(f"block {state.layer}: STM planned {step.num_in} tokens with the class token at "
+                               f"{step.cls_in}, got {state.num_tokens} at {state.cls_index}; something else "
+                               f"changed the sequence")
+        plan = step.plan(state.hidden.shape[0], state.hidden.device)
+        if not self.hsp:
+            return merge_state(state, plan)
+        omega = self._omega(state, model, step)
+        if omega is None:
+            return merge_state(state, plan)
+        return weighted_merge(state, plan, omega)
+
+    def _omega(self, state: TokenState, model, step: MergeStep) -> Tensor | None:
+        """(b, N, 1) merge weights: 1 for kept tokens, the HSP weight for removed ones."""
+        if state.layer == 0:
+            self.fallbacks.append((0, "block 0 has no previous block to estimate dt, B, C from"))
+            return None
+        mixer = model.layers[state.layer - 1].mixer
+        rec = mixer.recorded
+        reason = None
+        if "fwd" not in rec or "bwd" not in rec:
+            reason = f"block {state.layer - 1} recorded nothing (its mixer.record was off)"
+        elif rec["fwd"]["delta"].shape[-1] != state.num_tokens or rec["fwd"]["delta"].shape[0] != state.hidden.shape[0]:
+            reason = f"block {state.layer - 1}'s records do not match the sequence (stale)"
+        if reason is not None:
+            warnings.warn(f"STM: HSP falls back to plain BNNM at block {state.layer}: {reason}", stacklevel=2)
+            self.fallbacks.append((state.layer, reason))
+            return None
+        b = state.hidden.shape[0]
+        omega = torch.ones(b, state.num_tokens, 1, device=state.hidden.device, dtype=torch.float32)
+        w_all = torch.zeros(b, len(step.removed), device=omega.device)
+        with torch.no_grad():
+            for sgn, key, sfx in ((-1, "fwd", ""), (1, "bwd", "_b")):
+                idx = [k for k, s in enumerate(step.side) if s == sgn]
+                if not idx:
+                    continue
+                r = rec[key]
+                bias = getattr(mixer, "dt_proj" + sfx).bias.float()
+                dt = F.softplus(r["delta"].float() + bias[None, :, None])
+                A = -torch.exp(getattr(mixer, "A_b_log" if sfx else "A_log").float())
+                w = direction_weights(dt, r["B"].float(), r["C"].float(), A,
+                                      [step.removed[k] for k in idx], [step.target[k] for k in idx],
+                                      backward=sgn > 0, collapse=self.collapse)
+                w = clean_weights(w, self.max_weight).to(omega.device)
+                w_all[:, idx] = w
+            omega[:, list(step.removed), 0] = w_all
+        self.weights[state.layer] = w_all
+        return omega
+
+
+from . import register_method  # noqa: E402  (defined by the package before it imports this module)
+
+register_method("stm", STM)
