@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .recipe import DEFAULT_WORKERS
+
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Data, recipe, run-directory and robustness options of ``vimerge retrain``."""
@@ -16,7 +18,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="train on this fraction of the data, drawn with the seed (Table 8: 0.01, 0.05, 0.1; "
                         "the paper trains 3/fraction epochs to keep the number of updates)")
     g.add_argument("--data-seed", type=int, default=None, help="seed of the subset (default --train-seed)")
-    g.add_argument("--workers", type=int, default=4, help="data loader processes per device")
+    g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"data loader processes per device (default: {DEFAULT_WORKERS}, half the CPUs, at most 4)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many images")
 
     g.add_argument("--reduce-r", dest="r", metavar="R",

@@ -8,11 +8,14 @@ x gradient accumulation x world size), 3 epochs; EMA with decay 0.996 as for Vim
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+
+DEFAULT_WORKERS = min(4, (os.cpu_count() or 2) // 2)  # data loader processes per device
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 DISTILL_TYPES = ("none", "soft", "hard")
@@ -57,7 +60,7 @@ class RetrainConfig:
     val_data: str | None = "auto"
     fraction: float = 1.0
     data_seed: int | None = None
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     eval_batch_size: int | None = None
     eval_limit: int | None = None
     # steps
