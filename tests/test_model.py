@@ -148,3 +148,11 @@ def test_low_precision_autocast_runs():
             low = model(images)
     assert low.shape == ref.shape and torch.isfinite(low).all()
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.1
+
+
+def test_fashion_mnist_preset():
+    model = create_model("vim_fmnist")
+    assert (model.num_patches + 1, model.num_classes, model.patch_embed.img_size) == (50, 10, (28, 28))
+    assert model.patch_embed.proj.in_channels == 1 and len(model.layers) == 8 and model.embed_dim == 96
+    assert create_model("vim_fmnist", num_classes=3).num_classes == 3
+    assert create_model("vim_tiny", depth=1).num_classes == 1000    # the ImageNet presets keep 1000
