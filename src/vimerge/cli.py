@@ -144,6 +144,46 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.transforms import EvalTransform
+    from .viz import draw_groups, figure, token_groups
+    model = build_model(args)
+    channels = model.patch_embed.proj.in_channels
+    size = model.patch_embed.img_size
+    fmnist_like = channels == 1 and size == (28, 28)
+    mean = args.mean if args.mean is not None else ((0.2860,) if fmnist_like else None)
+    std = args.std if args.std is not None else ((0.3530,) if fmnist_like else None)
+    crops, tensors = [], []
+    for path in args.image:
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise SystemExit(f"vimerge visualize: cannot read image {path!r} ({exc})")
+        crop_pct = args.crop_pct if args.crop_pct else (1.0 if img.size == size[::-1] else 0.875)
+        transform = EvalTransform(size, channels=channels, mean=mean, std=std, crop_pct=crop_pct)
+        crops.append(transform.resize_and_crop(img))
+        tensors.append(transform(img))
+    groups = token_groups(model, torch_stack(tensors))
+    gh, gw = groups.shape[1:]
+    cell = args.cell or max(8, 168 // max(gh, gw))
+    rows = [[crop.convert("RGB").resize((gw * cell, gh * cell), Image.BICUBIC),
+             draw_groups(crop, g, cell=cell)] for crop, g in zip(crops, groups)]
+    method, options = reduction_from_args(args)
+    amount = ", ".join(f"{k}={v}" for k, v in options.items() if k in ("r", "ratio"))
+    n_final = int(groups[0].max()) + 1
+    figure(rows, ["image", f"{method} {amount}: {n_final} tokens"]).save(args.out)
+    print(f"wrote {args.out}: {len(rows)} image(s), {gh * gw} patches -> {n_final} tokens")
+    return 0
+
+
+def torch_stack(tensors):
+    import torch
+    return torch.stack(tensors)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vimerge",
@@ -198,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_reduction_args(retrain)
     add_train_args(retrain)
     retrain.set_defaults(func=_cmd_retrain)
+
+    vis = sub.add_parser("visualize", help="draw the merged token groups on images (R-MeeTo App. D.5)")
+    add_model_args(vis)
+    add_reduction_args(vis)
+    vis.add_argument("--image", nargs="+", required=True, help="image file(s)")
+    vis.add_argument("--out", default="merged_tokens.png", help="PNG to write")
+    vis.add_argument("--cell", type=int, default=None, help="pixels per patch in the drawing "
+                     "(default: about 168 px per image side)")
+    vis.add_argument("--crop-pct", type=float, default=None,
+                     help="centre-crop share (default 1.0 for images already at the model size, else 0.875)")
+    vis.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
+    vis.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
+    vis.set_defaults(func=_cmd_visualize)
     return parser
 
 

@@ -1,0 +1,77 @@
+"""Pictures of merged tokens (R-MeeTo appendix D.5): the patches of every final token share a colour.
+
+``token_groups`` runs a reduced model with source tracking and says, for every patch of the
+grid, which final token holds it; ``draw_groups`` paints those groups over the image (a colour
+per group, blended with the picture, and a dark line where neighbouring patches belong to
+different groups); ``figure`` lays several images and configurations out in one PNG.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def token_groups(model, images: Tensor) -> Tensor:
+    """(B, C, H, W) images -> (B, grid_h, grid_w) index of the final token holding each patch.
+
+    Final tokens are numbered in their output order; the class token is left out.
+    """
+    with torch.no_grad():
+        state = model.forward_tokens(images, track_source=True)
+    source = state.source                                     # (B, N_final, N0)
+    owner = source.argmax(dim=1)                              # (B, N0): final token of each
+    keep = [t for t in range(source.shape[-1]) if t != model.cls_index]
+    gh, gw = model.patch_embed.grid_size
+    return owner[:, keep].reshape(-1, gh, gw)
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """n distinct, reproducible colours (golden-ratio hue steps)."""
+    colours = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 + 0.35 * (i % 2), 0.95)
+        colours.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colours
+
+
+def draw_groups(image: Image.Image, groups: Tensor, cell: int = 16, alpha: float = 0.55) -> Image.Image:
+    """Paint (grid_h, grid_w) group ids over ``image`` (resized to the grid, ``cell`` px a patch)."""
+    gh, gw = groups.shape
+    base = image.convert("RGB").resize((gw * cell, gh * cell), Image.NEAREST if image.width <= gw * 4
+                                       else Image.BICUBIC)
+    ids = groups.tolist()
+    colours = palette(int(groups.max()) + 1)
+    overlay = Image.new("RGB", base.size)
+    draw = ImageDraw.Draw(overlay)
+    for y in range(gh):
+        for x in range(gw):
+            draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=colours[ids[y][x]])
+    out = Image.blend(base, overlay, alpha)
+    lines = ImageDraw.Draw(out)
+    for y in range(gh):
+        for x in range(gw):
+            if x + 1 < gw and ids[y][x] != ids[y][x + 1]:
+                lines.line([(x + 1) * cell, y * cell, (x + 1) * cell, (y + 1) * cell], fill=(20, 20, 20))
+            if y + 1 < gh and ids[y][x] != ids[y + 1][x]:
+                lines.line([x * cell, (y + 1) * cell, (x + 1) * cell, (y + 1) * cell], fill=(20, 20, 20))
+    return out
+
+
+def figure(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], pad: int = 6) -> Image.Image:
+    """A grid of equally sized panels with one title per column."""
+    w, h = rows[0][0].size
+    title_h = 14
+    cols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad + title_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((pad + c * (w + pad), 2), title, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            sheet.paste(panel, (pad + c * (w + pad), title_h + pad + r * (h + pad)))
+    return sheet
