@@ -22,24 +22,10 @@ import time
 
 import torch
 
+from vimerge.measure.memory import reset_peak as _reset_peak
+from vimerge.measure.memory import rss_mb as _rss_mb
+
 SCAN_SHAPE = dict(b=8, d=768, n=16, L=197)
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _median_ms(fn, repeats: int) -> tuple[float, float]:

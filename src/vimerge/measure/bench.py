@@ -15,41 +15,14 @@ import time
 
 import torch
 
+from .memory import reset_peak, rss_mb, trim_heap
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _trim() -> None:
-    """Return freed heap memory to the OS, so the next high-water mark measures new use."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 class _ReduceTimer:
@@ -93,9 +66,9 @@ def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu",
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    _trim()
-    base = _rss_mb("VmRSS") if dev.type == "cpu" else None
-    exact = dev.type == "cpu" and _rss_peak_reset()
+    trim_heap()
+    base = rss_mb("VmRSS") if dev.type == "cpu" else None
+    exact = dev.type == "cpu" and reset_peak()
     for _ in range(warmup):
         run()
     if timer is not None:
@@ -113,7 +86,7 @@ def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu",
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        peak = (_rss_mb("VmHWM") - base) if exact and base is not None else None
+        peak = (rss_mb("VmHWM") - base) if exact and base is not None else None
     med = statistics.median(times)
     return dict(img_s=batch_size / med, img_s_min=batch_size / max(times), img_s_max=batch_size / min(times),
                 batch_ms=med * 1e3, reduce_share=reduce_share, peak_mb=peak)
