@@ -1,0 +1,34 @@
+"""The shipped Fashion-MNIST base checkpoint matches its sidecar."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vimerge
+from vimerge.data.fashion_mnist import FashionMNIST, FashionMNISTNotFound
+from vimerge.models.registry import FMNIST_WEIGHTS
+
+SIDECAR = Path(FMNIST_WEIGHTS).with_suffix(".json")
+
+
+def test_sidecar_records_how_the_weights_were_made():
+    meta = json.loads(SIDECAR.read_text())
+    for key in ("command", "seed", "commit", "test_top1", "test_top1_first1000", "train_seconds"):
+        assert key in meta, key
+    assert meta["test_top1"] >= 88.0
+
+
+def test_shipped_weights_reproduce_the_recorded_accuracy():
+    model = vimerge.create_model("vim_fmnist", pretrained=True).eval()
+    try:
+        data = FashionMNIST(None, "test", limit=1000)
+    except FashionMNISTNotFound as exc:
+        pytest.skip(f"Fashion-MNIST is not installed here: {exc}")
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        correct = sum((model(images[i:i + 250]).argmax(-1) == labels[i:i + 250]).sum().item()
+                      for i in range(0, 1000, 250))
+    assert abs(100 * correct / 1000 - json.loads(SIDECAR.read_text())["test_top1_first1000"]) <= 0.1
