@@ -32,3 +32,17 @@ def test_shipped_weights_reproduce_the_recorded_accuracy():
         correct = sum((model(images[i:i + 250]).argmax(-1) == labels[i:i + 250]).sum().item()
                       for i in range(0, 1000, 250))
     assert abs(100 * correct / 1000 - json.loads(SIDECAR.read_text())["test_top1_first1000"]) <= 0.1
+
+
+def test_cli_pretrained_flag_loads_the_shipped_weights():
+    import argparse
+
+    from vimerge.cli import add_model_args, add_reduction_args, build_model
+    from vimerge.models.checkpoint import read_state_dict
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    add_reduction_args(p)
+    model = build_model(p.parse_args(["--model", "vim_fmnist", "--pretrained", "--r", "4"]))
+    shipped = read_state_dict(FMNIST_WEIGHTS)
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    assert model.reduction is not None and model.reduction.r == 4

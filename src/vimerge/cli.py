@@ -51,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vim_tiny", help="registered model name (see `vimerge info`)")
     g.add_argument("--checkpoint", help="weights: official .pth, plain state dict, .safetensors or hf://")
+    g.add_argument("--pretrained", action="store_true",
+                   help="load the preset's published weights (shipped for vim_fmnist; hub for the ImageNet Vims)")
     g.add_argument("--num-classes", type=int, default=None, help="head size (default: the preset's 1000)")
     g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
     g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
@@ -111,7 +113,8 @@ def build_model(args: argparse.Namespace):
         kwargs["num_classes"] = args.num_classes
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
-    model = create_model(args.model, checkpoint=args.checkpoint, scan_backend=args.scan_backend, **kwargs)
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=getattr(args, "pretrained", False),
+                         scan_backend=args.scan_backend, **kwargs)
     method, options = reduction_from_args(args)
     if method != "none":
         apply(model, method, **options)
