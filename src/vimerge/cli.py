@@ -148,6 +148,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image, UnidentifiedImageError
 
     from .data.transforms import EvalTransform
@@ -169,7 +170,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         transform = EvalTransform(size, channels=channels, mean=mean, std=std, crop_pct=crop_pct)
         crops.append(transform.resize_and_crop(img))
         tensors.append(transform(img))
-    groups = token_groups(model, torch_stack(tensors))
+    groups = token_groups(model, torch.stack(tensors))
     gh, gw = groups.shape[1:]
     cell = args.cell or max(8, 168 // max(gh, gw))
     rows = [[crop.convert("RGB").resize((gw * cell, gh * cell), Image.BICUBIC),
@@ -182,9 +183,21 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_stack(tensors):
-    import torch
-    return torch.stack(tensors)
+def _model_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A sub-command that takes the model and token-reduction options."""
+    parser = sub.add_parser(name, help=help)
+    add_model_args(parser)
+    add_reduction_args(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _lazy(module: str, name: str):
+    """A command function imported only when the command runs (keeps --help fast)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,54 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
 
-    flops = sub.add_parser("flops", help="FLOPs per image (paper and full conventions) and tokens per block")
-    add_model_args(flops)
-    add_reduction_args(flops)
+    flops = _model_command(sub, "flops", "FLOPs per image (paper and full conventions) and tokens per block",
+                           _cmd_flops)
     flops.add_argument("--json", action="store_true", help="print JSON")
-    flops.set_defaults(func=_cmd_flops)
-
-    from .measure.evaluate import add_eval_args
-
-    def _cmd_eval(args: argparse.Namespace) -> int:
-        from .measure.evaluate import run_eval
-        return run_eval(args)
-
-    ev = sub.add_parser("eval", help="top-1/top-5 accuracy and loss on an ImageFolder directory or "
-                                     "Fashion-MNIST; --sweep for several methods and ratios")
-    add_model_args(ev)
-    add_reduction_args(ev)
-    add_eval_args(ev)
-    ev.set_defaults(func=_cmd_eval)
 
     from .measure.bench import add_bench_args
-
-    def _cmd_bench(args: argparse.Namespace) -> int:
-        from .measure.bench import run_bench
-        return run_bench(args)
-
-    bench = sub.add_parser("bench", help="images/s, speed-up, FLOPs and peak memory at several reduction "
-                                         "ratios (the R-MeeTo paper's Table 12 for this machine)")
-    add_model_args(bench)
-    add_reduction_args(bench)
-    add_bench_args(bench)
-    bench.set_defaults(func=_cmd_bench)
-
+    from .measure.evaluate import add_eval_args
     from .train.options import add_train_args
 
-    def _cmd_retrain(args: argparse.Namespace) -> int:
-        from .train.options import cmd_retrain
-        return cmd_retrain(args)
+    add_eval_args(_model_command(sub, "eval", "top-1/top-5 accuracy and loss on an ImageFolder directory or "
+                                 "Fashion-MNIST; --sweep for several methods and ratios",
+                                 _lazy("measure.evaluate", "run_eval")))
+    add_bench_args(_model_command(sub, "bench", "images/s, speed-up, FLOPs and peak memory at several "
+                                  "reduction ratios (the R-MeeTo paper's Table 12 for this machine)",
+                                  _lazy("measure.bench", "run_bench")))
+    add_train_args(_model_command(sub, "retrain", "re-train a token-reduced Vim (R-MeeTo recipe); also "
+                                  "under torchrun for several GPUs/nodes", _lazy("train.options", "cmd_retrain")))
 
-    retrain = sub.add_parser("retrain", help="re-train a token-reduced Vim (R-MeeTo recipe); "
-                                             "also under torchrun for several GPUs/nodes")
-    add_model_args(retrain)
-    add_reduction_args(retrain)
-    add_train_args(retrain)
-    retrain.set_defaults(func=_cmd_retrain)
-
-    vis = sub.add_parser("visualize", help="draw the merged token groups on images (R-MeeTo App. D.5)")
-    add_model_args(vis)
-    add_reduction_args(vis)
+    vis = _model_command(sub, "visualize", "draw the merged token groups on images (R-MeeTo App. D.5)",
+                         _cmd_visualize)
     vis.add_argument("--image", nargs="+", required=True, help="image file(s)")
     vis.add_argument("--out", default="merged_tokens.png", help="PNG to write")
     vis.add_argument("--cell", type=int, default=None, help="pixels per patch in the drawing "
@@ -253,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="centre-crop share (default 1.0 for images already at the model size, else 0.875)")
     vis.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
     vis.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
-    vis.set_defaults(func=_cmd_visualize)
     return parser
 
 
