@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .measure.bench import add_bench_args
     from .measure.evaluate import add_eval_args
-    from .train.options import add_train_args
+    from .train.options import add_train_args, set_base_recipe_defaults
 
     add_eval_args(_model_command(sub, "eval", "top-1/top-5 accuracy and loss on an ImageFolder directory or "
                                  "Fashion-MNIST; --sweep for several methods and ratios",
@@ -226,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   _lazy("measure.bench", "run_bench")))
     add_train_args(_model_command(sub, "retrain", "re-train a token-reduced Vim (R-MeeTo recipe); also "
                                   "under torchrun for several GPUs/nodes", _lazy("train.options", "cmd_retrain")))
+    train = _model_command(sub, "train", "train a Vim from scratch (default: the recipe of the shipped "
+                           "vim_fmnist weights); resumable, also under torchrun",
+                           _lazy("train.options", "cmd_retrain"))
+    add_train_args(train)
+    set_base_recipe_defaults(train)
+
+    from .demo import add_demo_args
+    demo = sub.add_parser("demo", help="the whole token-reduction study on Fashion-MNIST: accuracy, "
+                          "FLOPs and speed of pruning, R-MeeTo, STM and re-training, with report and plots")
+    add_demo_args(demo)
+    demo.set_defaults(func=_lazy("demo", "cmd_demo"))
 
     vis = _model_command(sub, "visualize", "draw the merged token groups on images (R-MeeTo App. D.5)",
                          _cmd_visualize)

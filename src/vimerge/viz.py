@@ -19,15 +19,20 @@ from torch import Tensor
 def token_groups(model, images: Tensor) -> Tensor:
     """(B, C, H, W) images -> (B, grid_h, grid_w) index of the final token holding each patch.
 
-    Final tokens are numbered in their output order; the class token is left out.
+    Final tokens are numbered in their output order; the class token is left out. A patch
+    that no final token holds (pruned) gets -1.
     """
     with torch.no_grad():
         state = model.forward_tokens(images, track_source=True)
     source = state.source                                     # (B, N_final, N0)
     owner = source.argmax(dim=1)                              # (B, N0): final token of each
+    owner = owner.masked_fill(source.sum(dim=1) == 0, -1)     # pruned patches
     keep = [t for t in range(source.shape[-1]) if t != model.cls_index]
     gh, gw = model.patch_embed.grid_size
     return owner[:, keep].reshape(-1, gh, gw)
+
+
+PRUNED = (60, 60, 60)
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -40,12 +45,14 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 
 
 def draw_groups(image: Image.Image, groups: Tensor, cell: int = 16, alpha: float = 0.55) -> Image.Image:
-    """Paint (grid_h, grid_w) group ids over ``image`` (resized to the grid, ``cell`` px a patch)."""
+    """Paint (grid_h, grid_w) group ids over ``image`` (resized to the grid, ``cell`` px a patch).
+
+    Group -1 (pruned patches) is painted dark grey."""
     gh, gw = groups.shape
     base = image.convert("RGB").resize((gw * cell, gh * cell), Image.NEAREST if image.width <= gw * 4
                                        else Image.BICUBIC)
     ids = groups.tolist()
-    colours = palette(int(groups.max()) + 1)
+    colours = palette(int(groups.max()) + 1) + [PRUNED]        # index -1: pruned
     overlay = Image.new("RGB", base.size)
     draw = ImageDraw.Draw(overlay)
     for y in range(gh):
@@ -75,3 +82,33 @@ def figure(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], pad: in
         for c, panel in enumerate(row):
             sheet.paste(panel, (pad + c * (w + pad), title_h + pad + r * (h + pad)))
     return sheet
+
+
+def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path, *, xlabel: str, ylabel: str,
+              title: str, hline: tuple[float, str] | None = None,
+              points: Sequence[tuple[str, float, float]] = ()) -> None:
+    """A PNG of labelled lines (matplotlib, headless): ``series`` is ``[(label, [(x, y), ...])]``;
+    ``hline`` a dashed reference ``(y, label)``; ``points`` single marked ``(label, x, y)``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = "osD^v<>ph*"
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for i, (label, pts) in enumerate(series):
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.6, markersize=5, label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="0.3", linestyle="--", linewidth=1, label=hline[1])
+    for label, x, y in points:
+        ax.plot([x], [y], marker="*", markersize=12, color="black", linestyle="none", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -57,7 +57,7 @@ def _skip_record(item: Any) -> tuple[str, str]:
 
 
 def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = True,
-             desc: str = "eval", warn_skipped: bool = True) -> dict:
+             desc: str = "eval", warn_skipped: bool = True, per_image: bool = False) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` over ``loader``.
 
     Args:
@@ -70,6 +70,8 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
         progress: show a tqdm progress bar (on stderr).
         desc: the bar's label.
         warn_skipped: log a warning per skipped file.
+        per_image: also return ``per_image_correct``, a bool tensor (images,) in loader order
+            (for paired comparisons of two models on the same images).
 
     Returns:
         ``{"top1", "top5", "loss", "images", "correct", "skipped", "seconds",
@@ -90,6 +92,7 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
     loss_sum = 0.0
     num_classes = None
     skipped: dict[str, str] = {}
+    hits: list = []
     start = time.perf_counter()
     bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
@@ -115,7 +118,10 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
                                      f"{num_classes} outputs; build the model with the data set's "
                                      f"number of classes (--num-classes)")
                 loss_sum += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
-                correct1 += int((logits.argmax(-1) == labels).sum())
+                right = logits.argmax(-1) == labels
+                correct1 += int(right.sum())
+                if per_image:
+                    hits.append(right.cpu())
                 if num_classes >= 5:
                     top5 = logits.topk(5, dim=-1).indices
                     correct5 += int((top5 == labels[:, None]).any(-1).sum())
@@ -127,6 +133,7 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
         model.train(was_training)
     seconds = time.perf_counter() - start
     ok = n > 0
+    extra = {"per_image_correct": torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)} if per_image else {}
     return {
         "top1": 100.0 * correct1 / n if ok else None,
         "top5": 100.0 * correct5 / n if ok and num_classes >= 5 else None,
@@ -137,6 +144,7 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
         "skipped_reasons": dict(skipped),
         "seconds": seconds,
         "images_per_second": n / seconds if seconds > 0 else None,
+        **extra,
     }
 
 
@@ -265,7 +273,7 @@ def _apply_row(model, args: argparse.Namespace, method: str, ratio: float | None
     apply(model, method, **options)
 
 
-def _cost(model) -> dict:
+def model_cost(model) -> dict:
     """GFLOPs (both conventions), mean-token reduction ratio and tokens per block."""
     from ..reduce import token_counts
     from .flops import count_flops
@@ -399,7 +407,7 @@ def run_eval(args: argparse.Namespace) -> int:
         try:
             if entry is not None:
                 _apply_row(model, args, method, ratio)
-            cost = _cost(model)  # resolves ratio -> r: an unreachable ratio fails here, not mid-run
+            cost = model_cost(model)  # resolves ratio -> r: an unreachable ratio fails here, not mid-run
         except ValueError as exc:
             if verbose:
                 raise
@@ -432,4 +440,4 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["evaluate", "add_eval_args", "run_eval", "parse_sweep", "markdown_table"]
+__all__ = ["evaluate", "add_eval_args", "run_eval", "parse_sweep", "markdown_table", "model_cost"]

@@ -179,6 +179,37 @@ def schedule_counts(steps: list[MergeStep | None], num_tokens: int) -> list[int]
     return counts
 
 
+def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, start_layer: int = 1,
+                            max_error: float = 0.03) -> dict[str, float | int]:
+    """STM options (``ratio``, ``per_side``) whose mean-token reduction ratio is nearest ``mean_ratio``.
+
+    STM's own ``ratio`` counts the tokens gone at the end; R-MeeTo's ratio is ``1 - mean tokens
+    per block / initial tokens`` (:func:`~vimerge.reduce.schedule.ratio_from_counts`). This
+    searches every final ratio ``k / num_tokens`` and every ``per_side`` for the schedule whose
+    mean-token ratio is closest to the request (ties: the smaller ``per_side``, then the smaller
+    final ratio), so that STM rows share R-MeeTo's x-axis. Raises ValueError when nothing comes
+    within ``max_error``.
+    """
+    if not 0.0 <= mean_ratio < 1.0:
+        raise ValueError(f"a mean-token reduction ratio must be in [0, 1), got {mean_ratio}")
+    best: tuple[float, int, int] | None = None
+    for per_side in range(1, num_tokens // 2 + 1):
+        for k in range(num_tokens):
+            try:
+                steps = bnnm_schedule(num_tokens, depth, k / num_tokens, per_side, start_layer)
+            except ValueError:
+                break                      # larger k needs more tokens or blocks than exist
+            got = ratio_from_counts(schedule_counts(steps, num_tokens), num_tokens)
+            key = (round(abs(got - mean_ratio), 9), per_side, k)
+            if best is None or key < best:
+                best = key
+    if best is None or best[0] > max_error:
+        reach = "nothing" if best is None else f"{best[0]:.3f} away at best"
+        raise ValueError(f"STM cannot reach a mean-token ratio of {mean_ratio} with {num_tokens} tokens "
+                         f"and {depth} blocks from block {start_layer} ({reach})")
+    return {"ratio": best[2] / num_tokens, "per_side": best[1]}
+
+
 def check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio is the fraction of tokens removed by the end and must be in [0, 1), "

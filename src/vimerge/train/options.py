@@ -26,15 +26,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="same as --r; use this spelling under torchrun, whose own parser rejects "
                         "--r as an ambiguous abbreviation of its --rdzv-*/--role options")
 
-    g = p.add_argument_group("recipe (defaults: the R-MeeTo paper)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=128, help="per-device batch (default 128)")
+    g = p.add_argument_group("recipe (retrain defaults: the R-MeeTo paper; train defaults: the shipped vim_fmnist recipe)")
+    g.add_argument("--epochs", type=int, default=3, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=128, help="per-device batch (default: %(default)s)")
     g.add_argument("--effective-batch", type=int, default=1024,
-                   help="target of batch x accumulation x processes (default 1024)")
+                   help="target of batch x accumulation x processes (default: %(default)s)")
     g.add_argument("--accum", type=int, default=None,
                    help="gradient accumulation steps (default: enough for --effective-batch)")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine (1e-6)")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate of the cosine (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--warmup-lr", type=float, default=1e-6)
@@ -78,6 +78,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
 
 
+def set_base_recipe_defaults(p: argparse.ArgumentParser) -> None:
+    """``vimerge train``: the same options, defaulting to the from-scratch recipe (BASE_RECIPE)."""
+    from .recipe import BASE_RECIPE
+    p.set_defaults(method="none", **{k: v for k, v in BASE_RECIPE.items()
+                                     if k not in ("method", "reduction", "seed")},
+                   train_seed=BASE_RECIPE["seed"])
+
+
 def config_from_args(args: argparse.Namespace):
     """The :class:`~vimerge.train.recipe.RetrainConfig` of parsed ``vimerge retrain`` arguments."""
     from ..cli import _parse_value_pair, reduction_from_args
@@ -105,7 +113,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    """``vimerge retrain``: exit 0 when finished or stopped at --max-steps, 1 on a non-finite
+    """``vimerge retrain`` / ``vimerge train``: exit 0 when finished or stopped at --max-steps, 1 on a non-finite
     loss or a protected run directory, 2 on bad options."""
     import json
     import sys
@@ -115,15 +123,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"vimerge retrain: {exc}", file=sys.stderr)
+        print(f"vimerge {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
         result = retrain(config)
     except (RunDirError, NonFiniteLossError) as exc:
-        print(f"vimerge retrain: {exc}", file=sys.stderr)
+        print(f"vimerge {args.command}: {exc}", file=sys.stderr)
         return 1
     except (ValueError, ImportError) as exc:   # bad options, data or checkpoint: say why
-        print(f"vimerge retrain: {exc}", file=sys.stderr)
+        print(f"vimerge {args.command}: {exc}", file=sys.stderr)
         return 2
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         summary = {k: v for k, v in vars(result).items() if k != "model"}
