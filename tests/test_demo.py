@@ -14,7 +14,7 @@ from PIL import Image
 
 from vimerge import cli
 from vimerge.data.fashion_mnist import DEFAULT_ROOT, is_fashion_mnist_dir
-from vimerge.demo import FULL, QUICK, _compare, claims, plan_rows, resolve_base
+from vimerge.demo import FULL, QUICK, _compare, _verdict, claims, plan_rows, resolve_base
 from vimerge.reduce.stm import STM, settings_for_mean_ratio
 
 HAVE_FMNIST = is_fashion_mnist_dir(DEFAULT_ROOT)
@@ -59,7 +59,7 @@ def test_stm_settings_match_rmeeto_token_counts():
 def test_full_plan_rows():
     rows = plan_rows(FULL, 50, 8)
     keys = [r.key for r in rows]
-    assert len(keys) == len(set(keys)) == 1 + 2 * 4 + 4 + 2 * (4 + 4) + 2
+    assert len(keys) == len(set(keys)) == 1 + 2 * 4 + 2 + 2 * (4 + 4) + 2
     # interval 1: ratio = 1 - (50 + sum_k (50 - k r)) / 400 = 0.07 r, so r = 2, 4, 6 hit 0.14, 0.28,
     # 0.42 exactly; 0.54 lies between r = 8 (0.525, capped at the end) and r = 9 (0.56): 8 is nearer.
     r_of = {r.target: r.reduction_args[r.reduction_args.index("--r") + 1] for r in rows if r.family == "rmeeto"}
@@ -103,6 +103,8 @@ def test_claim_verdicts():
             _row("rmeeto-retrained@0.54", bad, target_ratio=0.54)]
     for r in rows:
         r["family"] = r["key"].split("@")[0]
+    assert [_verdict(o) for o in (["a", "a"], ["a", "b"], ["tie", "b"], ["a", "tie"], [])] == [
+        "reproduced", "mixed", "not reproduced", "inconclusive", "not measured"]
     verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in claims(rows)}
     assert verdicts["Merging"] == "reproduced"          # 75% vs 50%
     assert verdicts["Token"] == "inconclusive"          # identical rows

@@ -86,9 +86,10 @@ def figure(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], pad: in
 
 def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path, *, xlabel: str, ylabel: str,
               title: str, hline: tuple[float, str] | None = None,
-              points: Sequence[tuple[str, float, float]] = ()) -> None:
+              points: Sequence[tuple[str, float, float]] = (), lines: bool = True) -> None:
     """A PNG of labelled lines (matplotlib, headless): ``series`` is ``[(label, [(x, y), ...])]``;
-    ``hline`` a dashed reference ``(y, label)``; ``points`` single marked ``(label, x, y)``."""
+    ``hline`` a dashed reference ``(y, label)``; ``points`` single marked ``(label, x, y)``;
+    ``lines=False`` draws the series' markers only (a scatter plot)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,7 +100,8 @@ def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path,
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.6, markersize=5, label=label)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.6 if lines else 0,
+                markersize=5 if lines else 7, label=label)
     if hline is not None:
         ax.axhline(hline[0], color="0.3", linestyle="--", linewidth=1, label=hline[1])
     for label, x, y in points:

@@ -135,7 +135,7 @@ class BiMambaMixer(nn.Module):
         x = F.silu(conv(x)[..., :L])
         dbc = x_proj(x.transpose(1, 2))                                    # (B, N, R + 2n)
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                  # (B, d_inner, N)
+        delta = torch.matmul(dt_proj.weight, dt.transpose(1, 2))           # (B, d_inner, N), contiguous
         if self.record:
             keep = {"delta": delta, "B": B.transpose(1, 2), "C": C.transpose(1, 2)}
             self.recorded["bwd" if backward else "fwd"] = {

@@ -410,11 +410,18 @@ class STM:
                 if not idx:
                     continue
                 r = rec[key]
+                removed, target = [step.removed[k] for k in idx], [step.target[k] for k in idx]
+                # only the positions from a removed token to its target enter the weights: keep
+                # those columns (in order, so that cumulative sums along them stay exact)
+                cols = sorted({p for j, i in zip(removed, target) for p in range(min(j, i), max(j, i) + 1)})
+                at = {p: q for q, p in enumerate(cols)}
+                take = torch.tensor(cols, device=r["delta"].device)
                 bias = getattr(mixer, "dt_proj" + sfx).bias.float()
-                dt = F.softplus(r["delta"].float() + bias[None, :, None])
+                dt = F.softplus(r["delta"].index_select(-1, take).float() + bias[None, :, None])
                 A = -torch.exp(getattr(mixer, "A_b_log" if sfx else "A_log").float())
-                w = direction_weights(dt, r["B"].float(), r["C"].float(), A,
-                                      [step.removed[k] for k in idx], [step.target[k] for k in idx],
+                w = direction_weights(dt, r["B"].index_select(-1, take).float(),
+                                      r["C"].index_select(-1, take).float(), A,
+                                      [at[j] for j in removed], [at[i] for i in target],
                                       backward=sgn > 0, collapse=self.collapse)
                 w = clean_weights(w, self.max_weight).to(omega.device)
                 w_all[:, idx] = w
