@@ -151,6 +151,35 @@ def test_missing_data_and_bad_checkpoint_name_the_fix(tmp_path, capsys):
     assert cli.main(["demo", "--data", str(data), "--checkpoint", str(junk), "-o", str(tmp_path / "o"),
                      "--no-progress"]) == 2
     assert "junk.pth" in capsys.readouterr().err
+    (data / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    assert cli.main(["demo", "--data", str(data), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "t10k-images" in capsys.readouterr().err
+
+
+def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    import vimerge.demo as demo
+    data = str(fake_fashion(tmp_path / "fm", n_train=128, n_test=64))
+    argv = ["demo", "--quick", "--data", data, "-o", str(tmp_path / "d"), "--limit", "64",
+            "--retrain-images", "64", "--no-progress"]
+    real, calls = demo.run_row, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(args[0].key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "run_row", stop_at_third)
+    assert cli.main(argv) == 130
+    assert "run the same command to continue" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "d" / "rows.partial.json").read_text())["rows"]
+    assert list(saved) == calls[:2]
+    monkeypatch.setattr(demo, "run_row", real)
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert results["setup"]["rows_reused"] == 2
+    assert [r["key"] for r in results["rows"][:2]] == calls[:2]
+    assert [r["correct"] for r in results["rows"][:2]] == [saved[k]["correct"] for k in calls[:2]]
 
 
 # ------------------------------------------------------------------------------------ end to end

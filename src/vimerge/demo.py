@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 MODEL = "vim_fmnist"
 INTERVAL = 1
-TRAIN_IMAGES = 60000
 
 
 @dataclass(frozen=True)
@@ -101,43 +100,39 @@ class Base:
 # ------------------------------------------------------------------------------------ the plan
 
 
-def _fmt_ratio(value: float) -> str:
-    return f"{value:g}"
-
-
 def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[RowSpec]:
     """Every row of the study, in the order they run (training-free first, re-trained last)."""
     from .reduce.schedule import r_for_ratio, reduction_ratio
     from .reduce.stm import settings_for_mean_ratio
 
-    rows = [RowSpec("baseline", "baseline", "no reduction", None, [])]
-    r_of = {t: r_for_ratio(t, num_tokens, depth, INTERVAL) for t in plan.ratios}
-    for t in plan.ratios:
-        r = ["--r", str(r_of[t]), "--interval", str(INTERVAL)]
-        setting = f"ratio {t:g}, r={r_of[t]}"
-        rows.append(RowSpec(f"prune@{t:g}", "prune", setting, t, ["--method", "prune", *r]))
-        rows.append(RowSpec(f"rmeeto@{t:g}", "rmeeto", setting, t, ["--method", "rmeeto", *r]))
-    for t in plan.order_ratios:
+    def r_args(t: float, *extra: str) -> tuple[str, list[str]]:
         r = r_for_ratio(t, num_tokens, depth, INTERVAL)
-        rows.append(RowSpec(f"rmeeto-shuffled@{t:g}", "rmeeto-shuffled", f"ratio {t:g}, r={r}", t,
-                            ["--method", "rmeeto", "--r", str(r), "--interval", str(INTERVAL), "--shuffle"]))
-    stm_settings: list[tuple[str, str, float | None, dict]] = []
+        return f"ratio {t:g}, r={r}", ["--method", "rmeeto", "--r", str(r), "--interval", str(INTERVAL), *extra]
+
+    rows = [RowSpec("baseline", "baseline", "no reduction", None, [])]
+    for t in plan.ratios:
+        setting, args = r_args(t)
+        rows.append(RowSpec(f"prune@{t:g}", "prune", setting, t, ["--method", "prune", *args[2:]]))
+        rows.append(RowSpec(f"rmeeto@{t:g}", "rmeeto", setting, t, args))
+    for t in plan.order_ratios:
+        setting, args = r_args(t, "--shuffle")
+        rows.append(RowSpec(f"rmeeto-shuffled@{t:g}", "rmeeto-shuffled", setting, t, args))
+    stm: list[tuple[str, str, float | None, dict]] = []
     for t in plan.ratios:   # STM at the tokens R-MeeTo actually keeps at this ratio
-        achieved = reduction_ratio(r_of[t], num_tokens, depth, INTERVAL)
-        stm_settings.append((f"{t:g}", f"ratio {t:g}", t, settings_for_mean_ratio(achieved, num_tokens, depth)))
+        reached = reduction_ratio(r_for_ratio(t, num_tokens, depth, INTERVAL), num_tokens, depth, INTERVAL)
+        stm.append((f"{t:g}", f"ratio {t:g}", t, settings_for_mean_ratio(reached, num_tokens, depth)))
     for p in plan.stm_own:
-        stm_settings.append((f"own{p:g}", f"STM {round(100 * p)}%", None, {"ratio": p, "per_side": None}))
-    for tag, setting, target, opts in stm_settings:
-        args = ["--method", "stm", "--ratio", _fmt_ratio(opts["ratio"])]
-        if opts.get("per_side") is not None:
+        stm.append((f"own{p:g}", f"STM {round(100 * p)}%", None, {"ratio": p, "per_side": None}))
+    for tag, setting, target, opts in stm:
+        args = ["--method", "stm", "--ratio", f"{opts['ratio']:g}"]
+        if opts["per_side"] is not None:
             args += ["--per-side", str(opts["per_side"])]
             setting += f" (STM {round(100 * opts['ratio'])}%, {opts['per_side']}/side)"
         rows.append(RowSpec(f"stm-bnnm@{tag}", "stm-bnnm", setting, target, [*args, "--no-hsp"]))
         rows.append(RowSpec(f"stm-hsp@{tag}", "stm-hsp", setting, target, args))
     for t in plan.retrain_ratios:
-        r = r_for_ratio(t, num_tokens, depth, INTERVAL)
-        rows.append(RowSpec(f"rmeeto-retrained@{t:g}", "rmeeto-retrained", f"ratio {t:g}, r={r}", t,
-                            ["--method", "rmeeto", "--r", str(r), "--interval", str(INTERVAL)], retrain=True))
+        setting, args = r_args(t)
+        rows.append(RowSpec(f"rmeeto-retrained@{t:g}", "rmeeto-retrained", setting, t, args, retrain=True))
     return rows
 
 
@@ -231,6 +226,17 @@ def run_row(spec: RowSpec, argv: list[str], loader, *, progress: bool) -> dict:
     }
 
 
+def _train_size(data: str) -> int:
+    """Images in the training split of the Fashion-MNIST directory ``data`` (from its labels file)."""
+    from .data.fashion_mnist import FashionMNISTNotFound, find_file, read_idx
+    labels = find_file(data, "train-labels-idx1-ubyte")
+    if labels is None:
+        raise FashionMNISTNotFound(f"no train-labels-idx1-ubyte(.gz) in {data}: re-training needs the "
+                                   f"training split (apt-get install dataset-fashion-mnist, or --data DIR "
+                                   f"with all four IDX files)")
+    return len(read_idx(labels))
+
+
 def retrain_row(spec: RowSpec, base: Base, data: str, plan: Plan, out: Path, *, progress: bool,
                 train_data=None) -> tuple[str, dict]:
     """Re-train the base with the row's reduction for ``plan.retrain_images`` images (one pass,
@@ -239,7 +245,7 @@ def retrain_row(spec: RowSpec, base: Base, data: str, plan: Plan, out: Path, *, 
     from .train import RetrainConfig, retrain
     args = build_parser().parse_args(["eval", *spec.reduction_args])
     method, options = reduction_from_args(args)
-    total = len(train_data) if train_data is not None else TRAIN_IMAGES
+    total = len(train_data) if train_data is not None else _train_size(data)
     config = RetrainConfig(
         model=MODEL, checkpoint=base.path, method=method, reduction=options, data=data, val_data=None,
         fraction=min(1.0, plan.retrain_images / total), epochs=1, batch_size=plan.retrain_batch,
@@ -595,6 +601,8 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     test = FashionMNIST(data, "test", limit=plan.test_images)      # missing files: the one-line fix
+    if plan.retrain_ratios and train_data is None:
+        _train_size(data)                                          # fail now, not after the evaluations
     base = resolve_base(checkpoint, data, train=train_base, progress=progress, train_data=train_data)
     timings["base"] = time.perf_counter() - t0
 
@@ -642,11 +650,11 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     files = plot_results(rows, out)
     by = {r["key"]: r for r in rows}
     top = max(plan.ratios)
-    columns = [(f"R-MeeTo {t_:g}", by[f"rmeeto@{t_:g}"]["eval_command"].split()[1:])
+    columns = [(f"R-MeeTo {t_:g}", shlex.split(by[f"rmeeto@{t_:g}"]["eval_command"])[1:])
                for t_ in sorted({min(plan.ratios), top})]
     if f"rmeeto-retrained@{top:g}" in by:
-        columns.append((f"re-trained {top:g}", by[f"rmeeto-retrained@{top:g}"]["eval_command"].split()[1:]))
-    columns.append((f"STM+HSP {top:g}", by[f"stm-hsp@{top:g}"]["eval_command"].split()[1:]))
+        columns.append((f"re-trained {top:g}", shlex.split(by[f"rmeeto-retrained@{top:g}"]["eval_command"])[1:]))
+    columns.append((f"STM+HSP {top:g}", shlex.split(by[f"stm-hsp@{top:g}"]["eval_command"])[1:]))
     files.append(draw_merges(columns, test, plan.viz_classes, out))
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -708,7 +716,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``vimerge demo``: exit 0 on success, 2 on missing data or a bad checkpoint."""
     from dataclasses import replace
 
-    from .data.fashion_mnist import FashionMNISTNotFound
+    from .data import DatasetError
     from .models.checkpoint import CheckpointError
     plan = QUICK if args.quick else FULL
     if args.limit is not None:
@@ -726,9 +734,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         results = run_demo(data=args.data, output=args.output, quick=args.quick, checkpoint=args.checkpoint,
                            train_base=args.train_base, plan=plan, fresh=args.fresh,
                            progress=not args.no_progress)
-    except (FashionMNISTNotFound, CheckpointError, FileNotFoundError) as exc:
+    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
         print(f"vimerge demo: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nvimerge demo: interrupted; finished rows and re-training checkpoints are kept in "
+              f"{Path(args.output).expanduser()}: run the same command to continue", file=sys.stderr)
+        return 130
     print(summary(results))
     print(f"\nwrote {', '.join(results['files'])} to {Path(args.output).expanduser()}")
     return 0
