@@ -14,7 +14,15 @@ from PIL import Image
 
 from vimerge import cli
 from vimerge.data.fashion_mnist import DEFAULT_ROOT, is_fashion_mnist_dir
-from vimerge.demo import FULL, QUICK, _compare, _verdict, claims, plan_rows, resolve_base
+from vimerge.demo import (
+    FULL,
+    QUICK,
+    _compare,
+    _verdict,
+    claims,
+    plan_rows,
+    resolve_base,
+)
 from vimerge.reduce.stm import STM, settings_for_mean_ratio
 
 HAVE_FMNIST = is_fashion_mnist_dir(DEFAULT_ROOT)
