@@ -306,59 +306,46 @@ def claims(rows: list[dict]) -> list[dict]:
     base = by.get("baseline")
     out = []
 
-    def pairs(fam_a: str, fam_b: str, targets: list[float]) -> list[tuple[float, dict, dict]]:
-        return [(t, by[f"{fam_a}@{t:g}"], by[f"{fam_b}@{t:g}"]) for t in targets
+    def pairs(fam_a: str, fam_b: str, targets: list[float]) -> list[tuple[str, dict, dict]]:
+        return [(f"at {t:g}", by[f"{fam_a}@{t:g}"], by[f"{fam_b}@{t:g}"]) for t in targets
                 if f"{fam_a}@{t:g}" in by and f"{fam_b}@{t:g}" in by]
 
-    def evidence(items, name_a: str, name_b: str) -> tuple[list[str], list[str]]:
+    def claim(text: str, source: str, items: list[tuple[str, dict, dict]], name_a: str, name_b: str,
+              note=None) -> None:
+        """Compare every (label, a, b); ``note(a, b)`` appends to a comparison's sentence."""
         texts, outcomes = [], []
-        for t, a, b in items:
+        for label, a, b in items:
             d, se, o = _compare(a, b)
             outcomes.append(o)
-            texts.append(f"at {t:g}: {name_a} {a['top1']:.2f}% vs {name_b} {b['top1']:.2f}% "
-                         f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})")
-        return texts, outcomes
+            texts.append(f"{label}: {name_a} {a['top1']:.2f}% vs {name_b} {b['top1']:.2f}% "
+                         f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})" + (note(a, b) if note else ""))
+        out.append({"claim": text, "source": source, "verdict": _verdict(outcomes), "evidence": texts})
+
+    def recovered(a: dict, b: dict) -> str:
+        if not (base and base["top1"] > b["top1"]):
+            return ""
+        share = (a["top1"] - b["top1"]) / (base["top1"] - b["top1"])
+        return f"; {100 * share:.0f}% of the drop from the unreduced {base['top1']:.2f}% recovered"
 
     targets = sorted({r["target_ratio"] for r in rows if r["family"] == "rmeeto"})
     high = [t for t in targets if t >= 0.4] or targets[-1:]
-    texts, outcomes = evidence(pairs("rmeeto", "prune", high), "merging", "pruning")
-    out.append({"claim": "Merging beats pruning at high reduction ratios",
-                "source": "R-MeeTo Fig. 1b, Sec. 3, Table 18",
-                "verdict": _verdict(outcomes), "evidence": texts})
-
-    items = pairs("rmeeto-retrained", "rmeeto", targets)
-    texts, outcomes = evidence(items, "re-trained", "training-free")
-    for (t, a, b), i in zip(items, range(len(texts))):
-        if base and base["top1"] > b["top1"]:
-            share = (a["top1"] - b["top1"]) / (base["top1"] - b["top1"])
-            texts[i] += f"; {100 * share:.0f}% of the drop from the unreduced {base['top1']:.2f}% recovered"
-    out.append({"claim": "Re-training recovers the accuracy that token reduction loses",
-                "source": "R-MeeTo Sec. 4 and Table 1: +35.9 points on Vim-Ti in 3 epochs",
-                "verdict": _verdict(outcomes), "evidence": texts})
-
-    texts, outcomes = evidence(pairs("rmeeto", "rmeeto-shuffled", targets), "ordered", "shuffled")
-    out.append({"claim": "Token order matters: keeping the original order beats the odd-even shuffle",
-                "source": "R-MeeTo Tables 4 and 5, re-trained there, training-free here",
-                "verdict": _verdict(outcomes), "evidence": texts})
-
-    texts, outcomes = evidence(pairs("stm-hsp", "rmeeto", targets), "STM (BNNM+HSP)", "R-MeeTo")
-    for (t, a, b), i in zip(pairs("stm-hsp", "rmeeto", targets), range(len(texts))):
-        texts[i] += f"; mean-token ratios {a['reduction_ratio']:.3f} and {b['reduction_ratio']:.3f}"
-    out.append({"claim": "Training-free STM (BNNM+HSP) beats training-free R-MeeTo at equal tokens",
-                "source": "STM Table 2, Vim-Ti/S/B at 20% reduction",
-                "verdict": _verdict(outcomes), "evidence": texts})
-
-    hsp_keys = sorted(k.split("@", 1)[1] for k in by if k.startswith("stm-hsp@"))
-    items = [(k, by[f"stm-hsp@{k}"], by[f"stm-bnnm@{k}"]) for k in hsp_keys if f"stm-bnnm@{k}" in by]
-    texts, outcomes = [], []
-    for k, a, b in items:
-        d, se, o = _compare(a, b)
-        outcomes.append(o)
-        texts.append(f"{a['setting']} (mean-token ratio {a['reduction_ratio']:.3f}): BNNM+HSP "
-                     f"{a['top1']:.2f}% vs BNNM {b['top1']:.2f}% ({d:+.2f} points, 2 s.e. = {2 * se:.2f})")
-    out.append({"claim": "Hidden-state protection improves on plain BNNM merging",
-                "source": "STM Sec. 4.2",
-                "verdict": _verdict(outcomes), "evidence": texts})
+    claim("Merging beats pruning at high reduction ratios", "R-MeeTo Fig. 1b, Sec. 3, Table 18",
+          pairs("rmeeto", "prune", high), "merging", "pruning")
+    claim("Re-training recovers the accuracy that token reduction loses",
+          "R-MeeTo Sec. 4 and Table 1: +35.9 points on Vim-Ti in 3 epochs",
+          pairs("rmeeto-retrained", "rmeeto", targets), "re-trained", "training-free", recovered)
+    claim("Token order matters: keeping the original order beats the odd-even shuffle",
+          "R-MeeTo Tables 4 and 5, re-trained there, training-free here",
+          pairs("rmeeto", "rmeeto-shuffled", targets), "ordered", "shuffled")
+    claim("Training-free STM (BNNM+HSP) beats training-free R-MeeTo at equal tokens",
+          "STM Table 2, Vim-Ti/S/B at 20% reduction", pairs("stm-hsp", "rmeeto", targets),
+          "STM (BNNM+HSP)", "R-MeeTo",
+          lambda a, b: f"; mean-token ratios {a['reduction_ratio']:.3f} and {b['reduction_ratio']:.3f}")
+    hsp = sorted(k.split("@", 1)[1] for k in by if k.startswith("stm-hsp@"))
+    claim("Hidden-state protection improves on plain BNNM merging", "STM Sec. 4.2",
+          [(f"{by[f'stm-hsp@{k}']['setting']} (mean-token ratio {by[f'stm-hsp@{k}']['reduction_ratio']:.3f})",
+            by[f"stm-hsp@{k}"], by[f"stm-bnnm@{k}"]) for k in hsp if f"stm-bnnm@{k}" in by],
+          "BNNM+HSP", "BNNM")
     return out
 
 
@@ -477,16 +464,12 @@ def plot_results(rows: list[dict], out: Path) -> list[str]:
     from .viz import line_plot
     base = next(r for r in rows if r["family"] == "baseline")
     series = []   # each method's points in order of reduction, starting at the unreduced model
-    start = (0.0, base["top1"], base["images_per_second"])
     for fam, label in FAMILIES.items():
-        if fam == "baseline":
-            continue
-        pts = sorted((r["reduction_ratio"], r["top1"], r["images_per_second"]) for r in rows
-                     if r["family"] == fam)
-        if pts:
-            series.append((label, [start, *pts] if fam != "rmeeto-retrained" else pts))
+        pts = sorted((r["reduction_ratio"], r["top1"]) for r in rows if r["family"] == fam)
+        if fam != "baseline" and pts:
+            series.append((label, pts if fam == "rmeeto-retrained" else [(0.0, base["top1"]), *pts]))
     n0 = next(r["token_counts"][0] for r in rows)
-    line_plot([(label, [(x, y) for x, y, _ in pts]) for label, pts in series], out / "accuracy_vs_ratio.png",
+    line_plot(series, out / "accuracy_vs_ratio.png",
               xlabel=f"reduction ratio (1 - mean tokens per block / {n0})", ylabel="top-1 accuracy (%)",
               title="Fashion-MNIST test accuracy against token reduction",
               hline=(base["top1"], f"unreduced {base['top1']:.2f}%"))
@@ -609,8 +592,9 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     probe = create_model(MODEL)
     num_tokens, depth = probe.num_patches + 1, len(probe.layers)
     specs = plan_rows(plan, num_tokens, depth)
+    base_sha = _sha256(base.path)
     fingerprint = hashlib.sha256(json.dumps(
-        [asdict(plan), _sha256(base.path), data, len(test), _versions()["vimerge"]]).encode()).hexdigest()[:16]
+        [asdict(plan), base_sha, data, len(test), _versions()["vimerge"]]).encode()).hexdigest()[:16]
     partial = _Partial(out / "rows.partial.json", fingerprint, fresh)
     if partial.reused:
         print(f"continuing an interrupted demo in {out}: {partial.reused} row(s) already done "
@@ -665,7 +649,7 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
                   "batch_size": plan.batch_size, "retrain_images": plan.retrain_images,
                   "retrain_lr": plan.retrain_lr, "retrain_batch": plan.retrain_batch,
                   "plan": asdict(plan), "fingerprint": fingerprint, "rows_reused": partial.reused},
-        "base": {**asdict(base), "sha256": _sha256(base.path)},
+        "base": {**asdict(base), "sha256": base_sha},
         "versions": _versions(),
         "machine": _machine(),
         "timings": timings,
