@@ -9,10 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vimerge
-import vimerge.reduce.stm  # registers "stm"
-from vimerge.reduce.rmeeto import MergePlan
-from vimerge.reduce.schedule import ratio_from_counts
-from vimerge.reduce.state import TokenState
+from vimerge.tokens import MergePlan, TokenState, ratio_from_counts
 from vimerge.reduce.stm import (
     STM,
     bnnm_schedule,
@@ -29,8 +26,9 @@ def tiny(**kw):
 
 
 def fake_model(depth, cls_index):
-    layers = [SimpleNamespace(mixer=SimpleNamespace(record=False, recorded={})) for _ in range(depth)]
-    return SimpleNamespace(layers=layers, cls_index=cls_index)
+    """A token model without blocks (what run_reductions needs of the protocol)."""
+    return SimpleNamespace(depth=depth, cls_index=cls_index, record_blocks=lambda layers: None,
+                           block_record=lambda layer: None)
 
 
 def run_reductions(reducer, state, model, depth):
@@ -69,9 +67,9 @@ def test_schedule_far_to_near_and_limits():
     # consecutive removals are spread evenly: strides floor(98/40) or +1
     assert {b - a for a, b in zip(left, left[1:])} <= {2, 3}
     # the paper's settings: per side 1 up to 15 %, then 2; mean-token ratios (22.8 % at 40 %)
-    assert STM(ratio=0.15).token_counts(197, 24)[-1] == 197 - 30
+    assert STM(final_ratio=0.15).token_counts(197, 24)[-1] == 197 - 30
     assert len(bnnm_schedule(197, 24, 0.15)[1].removed) == 2
-    assert abs(STM(ratio=0.4).reduction_ratio(197, 24) - 0.2276) < 1e-3
+    assert abs(STM(final_ratio=0.4).reduction_ratio(197, 24) - 0.2276) < 1e-3
 
 
 def test_hand_built_merge_values_order_cls_and_sizes():
@@ -80,7 +78,7 @@ def test_hand_built_merge_values_order_cls_and_sizes():
     hidden[1] *= -1                                    # second image: other values, same plan
     state = TokenState.start(hidden, 10, track_source=True)
     state.residual = hidden * 2
-    reducer = STM(ratio=0.4, hsp=False)
+    reducer = STM(final_ratio=0.4, hsp=False)
     out = run_reductions(reducer, state, fake_model(depth, 10), depth)
     expected = [0.5, 2.5, 4, 5.5, 7.5, 9, 10, 11, 12.5, 14.5, 16, 17.5, 19.5]
     sizes = [2, 2, 1, 2, 2, 1, 1, 1, 2, 2, 1, 2, 2]
@@ -98,13 +96,14 @@ def test_later_merge_absorbs_merged_token_with_its_size():
     steps = bnnm_schedule(11, 5, 0.73, per_side=1)
     assert [s.origin for s in steps if s] == [(0, 10), (1, 9), (2, 8), (3, 7)]
     hidden = torch.arange(11, dtype=torch.float32).view(1, 11, 1)
-    out = run_reductions(STM(ratio=0.73, per_side=1, hsp=False), TokenState.start(hidden, 5), fake_model(5, 5), 5)
+    out = run_reductions(STM(final_ratio=0.73, per_side=1, hsp=False), TokenState.start(hidden, 5), fake_model(5, 5), 5)
     assert out.size.flatten().tolist() == [5, 1, 5] and out.cls_index == 1
     torch.testing.assert_close(out.hidden.flatten(), torch.tensor([2.0, 5.0, 8.0]))   # means of 0..4, 6..10
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(ratio=1.0), "must be in"), (dict(ratio=-0.1), "must be in"), (dict(per_side=0), "per_side"),
+    (dict(final_ratio=1.0), "must be in"), (dict(final_ratio=-0.1), "must be in"), (dict(ratio=1.0), "must be in"),
+    (dict(ratio=0.2, final_ratio=0.2), "not both"), (dict(per_side=0), "per_side"),
     (dict(start_layer=-1), "start_layer"), (dict(collapse="nope"), "collapse"),
 ])
 def test_bad_options(kwargs, message):
@@ -114,13 +113,13 @@ def test_bad_options(kwargs, message):
 
 def test_impossible_requests():
     with pytest.raises(ValueError, match="per_side=40 is more than"):
-        STM(ratio=0.2, per_side=40).token_counts(65, 6)
+        STM(final_ratio=0.2, per_side=40).token_counts(65, 6)
     with pytest.raises(ValueError, match="at most its length minus one"):
-        STM(ratio=0.99, per_side=20).token_counts(65, 6)
+        STM(final_ratio=0.99, per_side=20).token_counts(65, 6)
     with pytest.raises(ValueError, match="needs 10 reducing blocks"):
-        STM(ratio=0.3, per_side=1).token_counts(65, 6)
+        STM(final_ratio=0.3, per_side=1).token_counts(65, 6)
     model = tiny()
-    vimerge.apply(model, "stm", ratio=0.5, per_side=1)
+    vimerge.apply(model, "stm", final_ratio=0.5, per_side=1)
     with pytest.raises(ValueError, match="raise per_side"):
         model(torch.randn(1, 3, 32, 32))
 
@@ -131,7 +130,7 @@ def test_token_counts_match_what_reduce_does(ratio, hsp, per_side):
     model = tiny().eval()
     seen = []
     hooks = [b.mixer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.layers]
-    reducer = vimerge.apply(model, "stm", ratio=ratio, hsp=hsp, per_side=per_side)
+    reducer = vimerge.apply(model, "stm", final_ratio=ratio, hsp=hsp, per_side=per_side)
     with torch.no_grad():
         state = model.forward_tokens(torch.randn(2, 3, 32, 32))
     for h in hooks:
@@ -149,10 +148,10 @@ def test_ratio_zero_and_remove_are_bit_identical():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        vimerge.apply(model, "stm", ratio=0.0)
+        vimerge.apply(model, "stm", final_ratio=0.0)
         assert torch.equal(model(x), ref)
         assert not any(b.mixer.record for b in model.layers)
-        vimerge.apply(model, "stm", ratio=0.3)
+        vimerge.apply(model, "stm", final_ratio=0.3)
         assert not torch.equal(model(x), ref)
         vimerge.remove(model)
         assert torch.equal(model(x), ref)
@@ -161,7 +160,7 @@ def test_ratio_zero_and_remove_are_bit_identical():
 @pytest.mark.parametrize("hsp", [False, True])
 def test_batch_elements_are_independent(hsp):
     model = tiny().eval()
-    vimerge.apply(model, "stm", ratio=0.3, hsp=hsp)
+    vimerge.apply(model, "stm", final_ratio=0.3, hsp=hsp)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         batch = model(x)
@@ -171,7 +170,7 @@ def test_batch_elements_are_independent(hsp):
 
 def test_gradients_reach_every_parameter_in_train_mode():
     model = tiny(drop_path_rate=0.1).train()
-    reducer = vimerge.apply(model, "stm", ratio=0.3)
+    reducer = vimerge.apply(model, "stm", final_ratio=0.3)
     loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 3]))
     loss.backward()
     assert reducer.weights and reducer.fallbacks == []
@@ -185,7 +184,7 @@ def test_block_zero_falls_back_to_bnnm_without_warning():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        reducer = vimerge.apply(model, "stm", ratio=0.3, start_layer=0)
+        reducer = vimerge.apply(model, "stm", final_ratio=0.3, start_layer=0)
         model(x)
     assert reducer.fallbacks[0][0] == 0 and "no previous block" in reducer.fallbacks[0][1]
     assert 0 not in reducer.weights and 1 in reducer.weights
@@ -193,7 +192,7 @@ def test_block_zero_falls_back_to_bnnm_without_warning():
 
 def test_missing_records_warn_and_fall_back():
     model = tiny().eval()
-    reducer = vimerge.apply(model, "stm", ratio=0.3)
+    reducer = vimerge.apply(model, "stm", final_ratio=0.3)
     original = reducer.prepare
 
     def prepare_then_switch_off(m, n):
@@ -331,7 +330,7 @@ def test_reducer_weights_match_an_independent_computation_from_the_records():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    reducer = vimerge.apply(model, "stm", ratio=0.12, per_side=2, max_weight=1e9)
+    reducer = vimerge.apply(model, "stm", final_ratio=0.12, per_side=2, max_weight=1e9)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     steps = reducer.schedule(model.num_patches + 1, 3)
@@ -339,12 +338,13 @@ def test_reducer_weights_match_an_independent_computation_from_the_records():
     for layer in (1, 2):
         step, mixer = steps[layer], model.layers[layer - 1].mixer
         for k, (j, i, side) in enumerate(zip(step.removed, step.target, step.side)):
-            sfx, key = ("", "fwd") if side < 0 else ("_b", "bwd")
-            rec = mixer.recorded[key]
+            sfx = "" if side < 0 else "_b"
+            rec = model.block_record(layer - 1)
+            scan = rec.forward if side < 0 else rec.backward
             for b in range(2):
-                dt = F.softplus(rec["delta"][b].double() + getattr(mixer, "dt_proj" + sfx).bias.double()[:, None])
+                dt = F.softplus(scan.delta[b].double() + getattr(mixer, "dt_proj" + sfx).bias.double()[:, None])
                 A = -torch.exp(getattr(mixer, "A_b_log" if sfx else "A_log").double())
-                ref = max(independent_token_weight(dt, rec["B"][b].double(), rec["C"][b].double(), A, j, i), 0.0)
+                ref = max(independent_token_weight(dt, scan.B[b].double(), scan.C[b].double(), A, j, i), 0.0)
                 assert reducer.weights[layer][b, k].item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
@@ -352,9 +352,9 @@ def test_hsp_changes_the_merge_and_weights_are_clipped():
     model = tiny().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        plain = vimerge.apply(model, "stm", ratio=0.3, hsp=False)
+        plain = vimerge.apply(model, "stm", final_ratio=0.3, hsp=False)
         a = model(x)
-        hsp = vimerge.apply(model, "stm", ratio=0.3, max_weight=2.0)
+        hsp = vimerge.apply(model, "stm", final_ratio=0.3, max_weight=2.0)
         b = model(x)
     assert plain.weights == {} and not torch.equal(a, b)
     w = torch.cat([v.flatten() for v in hsp.weights.values()])
@@ -363,13 +363,13 @@ def test_hsp_changes_the_merge_and_weights_are_clipped():
 
 def test_records_are_requested_only_before_reducing_blocks():
     model = tiny().eval()
-    reducer = vimerge.apply(model, "stm", ratio=0.2)        # 13 of 65 tokens: blocks 1-4 reduce
+    reducer = vimerge.apply(model, "stm", final_ratio=0.2)        # 13 of 65 tokens: blocks 1-4 reduce
     assert [s is not None for s in reducer.schedule(65, 6)] == [False, True, True, True, True, False]
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert [b.mixer.record for b in model.layers] == [True, True, True, True, False, False]
     assert set(reducer.weights) == {1, 2, 3, 4}
-    vimerge.apply(model, "stm", ratio=0.2, hsp=False)
+    vimerge.apply(model, "stm", final_ratio=0.2, hsp=False)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert not any(b.mixer.record for b in model.layers)

@@ -1,5 +1,5 @@
-"""Measurement: FLOPs, throughput and accuracy."""
+"""Measurement: FLOPs, accuracy (``evaluate``) and throughput (``bench.measure``)."""
 
-from .flops import count_flops
+from .flops import count_flops, model_cost
 
-__all__ = ["count_flops"]
+__all__ = ["count_flops", "model_cost"]

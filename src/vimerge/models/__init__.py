@@ -1,6 +1,13 @@
-"""Models: the Vim architecture, the registry of named presets, checkpoint loading."""
+"""Backbones, one file each (``vim.py``), registered by name; generic checkpoint reading.
 
-from .registry import create_model, list_models, model_defaults, register_model
+>>> from vimerge.models import create_model, list_models
+>>> model = create_model("vim_small", checkpoint="vim_s_midclstok_80p5acc.pth")
+"""
+
+from . import vim  # noqa: F401  (registers the Vim presets)
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .vim import VisionMamba
 
-__all__ = ["create_model", "list_models", "model_defaults", "register_model", "VisionMamba"]
+__all__ = ["create_model", "list_models", "model_defaults", "register_model", "get_preset", "pretrained_uri",
+           "VisionMamba", "CheckpointError", "load_checkpoint", "read_state_dict", "save_checkpoint"]

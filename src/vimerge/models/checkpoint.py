@@ -1,4 +1,4 @@
-"""Reading, adapting and writing Vim checkpoints.
+"""Reading, adapting and writing checkpoints, for any backbone.
 
 Accepted sources (:func:`read_state_dict`):
 
@@ -8,12 +8,19 @@ Accepted sources (:func:`read_state_dict`):
 * a ``.safetensors`` file (needs the ``safetensors`` package),
 * ``hf://owner/repo/path/in/repo.pth`` (needs ``huggingface_hub`` and internet).
 
-:func:`load_checkpoint` adapts a checkpoint to the model it is loaded into: the position
-embedding is resampled to the model's patch grid (keeping the *middle* class token in the
-middle, see :func:`resample_pos_embed`) and a head made for another number of classes is
-replaced by the model's freshly initialised one, with a warning. Anything else that does not
-fit raises one :class:`CheckpointError` that says what differs and, when it can tell, which
-``create_model(...)`` call the checkpoint was made for.
+:func:`load_checkpoint` adapts a checkpoint to the model it is loaded into. What is specific to
+a backbone comes from the model itself (timm's ``checkpoint_filter_fn``, as methods):
+
+* ``model.checkpoint_filter(state, source, strict) -> (state, info)``: recognise the
+  architecture (raise :class:`CheckpointError` for another one) and adapt it, e.g. resample
+  the position embedding to the model's patch grid (:func:`resample_pos_embed`); ``info`` is
+  merged into the returned report (e.g. ``{"resized_pos_embed": True}``);
+* ``model.checkpoint_hint(state) -> str | None``: one line for a mismatch message, e.g. which
+  ``create_model(...)`` call the checkpoint was made for.
+
+Generic here: reading every container format, wrapper prefixes, a head made for another number
+of classes (replaced by the model's fresh one, with a warning) and one :class:`CheckpointError`
+listing every key and shape that does not fit. This module knows no backbone.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CheckpointError", "read_state_dict", "load_checkpoint", "save_checkpoint",
-           "resample_pos_embed"]
+           "resample_pos_embed", "listing"]
 
 _NESTED_KEYS = ("model", "state_dict", "model_ema")   # where training checkpoints keep weights
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")         # DistributedDataParallel, torch.compile
@@ -260,13 +267,12 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, T
                     strict: bool = True) -> dict[str, Any]:
     """Load a checkpoint into ``model``, adapting resolution and head size.
 
-    Adaptations: a position embedding for another patch grid is resampled
-    (:func:`resample_pos_embed`); a head for another number of classes is left at the model's
-    fresh initialisation, with a warning.
+    Adaptations: the model's own ``checkpoint_filter`` (see the module docstring; e.g. a
+    position embedding for another patch grid is resampled); a head for another number of
+    classes is left at the model's fresh initialisation, with a warning.
 
     Args:
-        model: a :class:`~vimerge.models.VisionMamba` (or any module; the adaptations apply
-            when it has ``pos_embed``/``patch_embed.grid_size`` and a linear ``head``).
+        model: any module; the head adaptation applies when it has a linear ``head``.
         source: anything :func:`read_state_dict` accepts, or a state dict.
         strict: raise :class:`CheckpointError` when keys are missing or unexpected, or shapes
             differ. With ``strict=False`` the tensors that fit are loaded and the rest reported.
@@ -283,16 +289,11 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, T
         name = repr(os.fspath(source))
         state = read_state_dict(source)
     target = model.state_dict()
-    if not any(k.startswith("layers.") for k in state) and any(k.startswith("layers.")
-                                                                 for k in target):
-        prefixes = sorted({k.split(".", 1)[0] for k in state})
-        msg = (f"checkpoint {name} is not a Vision Mamba (Vim) checkpoint: it has no "
-               f"'layers.N.mixer...' keys (its keys start with: {_listing(prefixes)})")
-        if strict:
-            raise CheckpointError(msg)
-        warnings.warn(msg, stacklevel=2)
-
-    state, resized = _adapt_pos_embed(model, state, target, name, strict)
+    info: dict[str, Any] = {"resized_pos_embed": False}
+    checkpoint_filter = getattr(model, "checkpoint_filter", None)
+    if checkpoint_filter is not None:
+        state, extra = checkpoint_filter(state, name, strict)
+        info.update(extra)
     state, reinit = _adapt_head(model, state, target)
 
     missing = [k for k in target if k not in state]
@@ -305,31 +306,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, T
     merged = {k: (state[k] if k in state and k not in mismatched else v) for k, v in target.items()}
     model.load_state_dict(merged, strict=True)
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched,
-            "resized_pos_embed": resized, "reinitialized_head": reinit}
-
-
-def _adapt_pos_embed(model: nn.Module, state: dict[str, Tensor], target: dict[str, Tensor],
-                     name: str, strict: bool) -> tuple[dict[str, Tensor], bool]:
-    """Resample the checkpoint's ``pos_embed`` to the model's grid when only its length differs."""
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    old, new = state.get("pos_embed"), target.get("pos_embed")
-    if (grid is None or old is None or new is None or old.dim() != 3
-            or old.shape[-1] != new.shape[-1] or old.shape[1] == new.shape[1]):
-        return state, False  # nothing to do, or a width mismatch the key check reports
-    n_old = old.shape[1] - 1
-    side = math.isqrt(n_old)
-    if side * side != n_old:
-        msg = (f"checkpoint {name} has a position embedding for {n_old} patches, which is not a "
-               f"square grid, and the model has {new.shape[1] - 1} patches (grid "
-               f"{tuple(grid)}); build the model with the checkpoint's img_size/patch_size, or "
-               f"resample it yourself with resample_pos_embed(..., old_grid=(h, w))")
-        if strict:
-            raise CheckpointError(msg)
-        warnings.warn(msg, stacklevel=3)
-        return state, False
-    cls_new = getattr(model, "cls_index", (new.shape[1] - 1) // 2)
-    resized = resample_pos_embed(old, tuple(grid), (side, side), n_old // 2, cls_new)
-    return {**state, "pos_embed": resized}, True
+            **info, "reinitialized_head": reinit}
 
 
 def _adapt_head(model: nn.Module, state: dict[str, Tensor],
@@ -354,71 +331,27 @@ def _adapt_head(model: nn.Module, state: dict[str, Tensor],
     return state, True
 
 
-def _architecture(state: Mapping[str, Tensor]) -> dict[str, int]:
-    """What the weights say about the model they came from (only what can be told)."""
-    arch: dict[str, int] = {}
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.dim() == 4:
-        arch.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[-1])
-    elif "norm_f.weight" in state:
-        arch["embed_dim"] = state["norm_f.weight"].shape[0]
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
-    if blocks:
-        arch["depth"] = max(blocks) + 1
-    a_log = state.get("layers.0.mixer.A_log")
-    if a_log is not None and a_log.dim() == 2:
-        arch["d_state"] = a_log.shape[1]
-    head = state.get("head.weight")
-    if head is not None and head.dim() == 2:
-        arch["num_classes"] = head.shape[0]
-    return arch
-
-
-def _suggest_model(arch: dict[str, int]) -> str:
-    """``create_model(...)`` call that builds a model with these dimensions."""
-    from .registry import list_models, model_defaults
-
-    presets = {n: {"in_chans": 3, "num_classes": 1000, **model_defaults(n)}
-               for n in list_models() if n.startswith("vim_")}
-    best = next((n for n, d in presets.items() if d.get("embed_dim") == arch.get("embed_dim")),
-                "vim_tiny")
-    defaults = presets.get(best, {})
-    overrides: dict[str, int] = {}
-    for key, value in arch.items():
-        if defaults.get(key) != value:
-            overrides[key] = value
-            if key == "patch_size":  # the stride is not in the weights: assume no overlap
-                overrides["stride"] = value
-    return f"create_model({', '.join([repr(best), *(f'{k}={v}' for k, v in overrides.items())])})"
-
-
 def _mismatch_message(model: nn.Module, state: dict[str, Tensor], target: dict[str, Tensor],
                       name: str, missing: list[str], unexpected: list[str],
                       mismatched: list[str]) -> str:
     lines = [f"checkpoint {name} does not fit this {type(model).__name__}:"]
-    ckpt, mine = _architecture(state), _architecture(target)
-    differs = {k: (v, mine[k]) for k, v in ckpt.items()
-               if k in mine and mine[k] != v and k != "num_classes"}
-    if differs:
-        def say(key: str, value: int) -> str:
-            return f"{value} blocks" if key == "depth" else f"{key} {value}"
-        have = " and ".join(say(k, v) for k, (v, _) in differs.items())
-        want = " and ".join(say(k, w) for k, (_, w) in differs.items())
-        lines.append(f"  this checkpoint has {have} (the model: {want}); build the model "
-                     f"with {_suggest_model(ckpt)}")
+    hint = getattr(model, "checkpoint_hint", None)
+    line = hint(state) if hint is not None else None
+    if line:
+        lines.append(f"  {line}")
     if missing:
-        lines.append(f"  missing from the checkpoint ({len(missing)}): {_listing(missing)}")
+        lines.append(f"  missing from the checkpoint ({len(missing)}): {listing(missing)}")
     if unexpected:
-        lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_listing(unexpected)}")
+        lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {listing(unexpected)}")
     if mismatched:
         shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
                   for k in mismatched]
-        lines.append(f"  shape mismatch ({len(mismatched)}): {_listing(shapes)}")
+        lines.append(f"  shape mismatch ({len(mismatched)}): {listing(shapes)}")
     lines.append("  pass strict=False to load only the tensors that fit")
     return "\n".join(lines)
 
 
-def _listing(items: list[str]) -> str:
+def listing(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     rest = len(items) - _MAX_LISTED
     return f"{shown}, ... and {rest} more" if rest > 0 else shown

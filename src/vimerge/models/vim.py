@@ -8,11 +8,21 @@ stream kept in fp32, a final ``Add -> RMSNorm``, and a linear head on the class 
 
 Shapes: images (B, C, H, W); tokens (B, N, E) with N = num_patches + 1 and the class token
 at index ``num_patches // 2``; mixer internals (B, d_inner, N) with d_inner = 2 E.
+
+This file is the whole backbone: the modules, the presets (registered below), the checkpoint
+filter (middle class token in the position embedding, architecture recognition, preset
+suggestions), the FLOPs formulas (:meth:`VisionMamba.flops`), the no-weight-decay set and
+what it offers token-reduction methods (the :class:`~vimerge.tokens.TokenModel` protocol:
+token layout and, on request, each block's scan inputs as a :class:`~vimerge.tokens.BlockRecord`).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import selective_scan
-from ..reduce.state import Reducer, TokenState
+from ..tokens import BlockRecord, Reducer, ScanRecord, TokenState, check_convention
+from .checkpoint import CheckpointError, listing, resample_pos_embed
+from .registry import get_preset, list_models, model_defaults, register_model
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -95,8 +107,9 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = scan_backend
-        self.record = False   # set by reducers that need this mixer's internals
-        self.recorded: dict = {}
+        self.record = False   # set through VisionMamba.record_blocks by reducers that need the scans
+        self.last_record: BlockRecord | None = None
+        self._scans: list[ScanRecord] = []
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         for suffix in ("", "_b"):
@@ -122,9 +135,8 @@ class BiMambaMixer(nn.Module):
     def _direction(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
         """One scan direction on (B, d_inner, N) inputs (already flipped for backward).
 
-        With ``self.record`` on, keeps this direction's raw time steps ``delta`` (before bias
-        and softplus, (B, d_inner, N)), ``B`` and ``C`` ((B, d_state, N)) in ``self.recorded``
-        under ``"fwd"`` / ``"bwd"``, flipped back to the token order.
+        With ``self.record`` on, keeps this direction's scan inputs as a
+        :class:`~vimerge.tokens.ScanRecord` (flipped back to the token order).
         """
         sfx = "_b" if backward else ""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
@@ -137,9 +149,9 @@ class BiMambaMixer(nn.Module):
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = torch.matmul(dt_proj.weight, dt.transpose(1, 2))           # (B, d_inner, N), contiguous
         if self.record:
-            keep = {"delta": delta, "B": B.transpose(1, 2), "C": C.transpose(1, 2)}
-            self.recorded["bwd" if backward else "fwd"] = {
-                k: (v.flip(-1) if backward else v).detach() for k, v in keep.items()}
+            order = (lambda t: t.flip(-1).detach()) if backward else (lambda t: t.detach())  # noqa: E731
+            self._scans.append(ScanRecord(order(delta), order(B.transpose(1, 2)), order(C.transpose(1, 2)),
+                                          A.detach(), dt_proj.bias.detach()))
         return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2),
                               getattr(self, "D" + sfx).float(), z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
@@ -148,11 +160,13 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2 d_inner, N)
         x, z = xz.chunk(2, dim=1)
+        self._scans = []
         y = self._direction(x, z, backward=False)
         y_b = self._direction(x.flip(-1), z.flip(-1), backward=True)
         y = (y + y_b.flip(-1)) / 2                                         # (B, d_inner, N)
         if self.record:
-            self.recorded["y"] = y.detach()
+            self.last_record = BlockRecord(self._scans[0], self._scans[1], y.detach())
+            self._scans = []
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -222,6 +236,144 @@ class VisionMamba(nn.Module):
             with torch.no_grad():
                 block.mixer.out_proj.weight /= math.sqrt(depth)
 
+    # ------------------------------------------------------------------ token layout (TokenModel)
+    @property
+    def num_tokens(self) -> int:
+        """Tokens after the embedding: patches + the class token."""
+        return self.num_patches + 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.proj.in_channels
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """Input (height, width) in pixels."""
+        return self.patch_embed.img_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns); the patch tokens are its cells in row-major order."""
+        return self.patch_embed.grid_size
+
+    def record_blocks(self, layers: Collection[int]) -> None:
+        """Record the scan inputs of exactly these blocks in the next forwards (others: none)."""
+        wanted = set(layers)
+        for i, block in enumerate(self.layers):
+            block.mixer.record = i in wanted
+            block.mixer.last_record = None
+
+    def block_record(self, layer: int) -> BlockRecord | None:
+        """Block ``layer``'s :class:`~vimerge.tokens.BlockRecord` from the last forward, or None."""
+        return self.layers[layer].mixer.last_record
+
+    # ------------------------------------------------------------------ cost
+    def flops(self, token_counts: Sequence[int], convention: str = "paper") -> float:
+        """FLOPs per image when block ``i``'s mixer sees ``token_counts[i]`` tokens (the
+        reduction method's own cost is not included; see ``vimerge.count_flops``).
+
+        ``"paper"``: R-MeeTo's ``calc_flops`` convention, which reproduces its Table 2
+        (Vim-Ti/S/B: 1.45 / 5.08 / 18.87 GFLOPs): a multiply-add is one FLOP and one scan
+        direction is counted. Per block with N tokens, width C, d_inner = 2C, state n, dt rank R::
+
+            in_proj N C 4C, out_proj N 2C C, conv1d (N + 3) 2C 4, x_proj N 2C (R + 2n),
+            dt_proj N R 2C, scan 9 N 2C n + N 2C (D term) + N 2C (z gate)
+
+        plus the patch embedding ``(num_patches + 1) C p^2 in_chans`` and the head
+        ``C classes``.
+
+        ``"full"``: every arithmetic operation once (a multiply-add is 2, an exp or a division
+        1), both scan directions. Per block: in_proj 2 N C 4C, out_proj 2 N 2C C, direction
+        average 2 N 2C, RMSNorm 4 N C, residual add N C, and for EACH direction: conv1d
+        2 N 2C 4 + bias N 2C; SiLU 4 N 2C; x_proj 2 N 2C (R + 2n); dt_proj 2 N R 2C; bias +
+        softplus 3 N 2C; dt u N 2C; dt A and its exp 2 N 2C n; (dt u) B and a h + b 3 N 2C n;
+        y = C . h 2 N 2C n; + D u 2 N 2C; * silu(z) 5 N 2C. Plus the patch embedding
+        2 (num_patches + 1) C p^2 in_chans (the class token counted, as in the paper),
+        position embedding (num_patches + 1) C, final norm 4C (class token only), head
+        2 C classes.
+        """
+        mult = check_convention(convention)
+        mixer = self.layers[0].mixer
+        C, n, R, k = self.embed_dim, mixer.d_state, mixer.dt_rank, mixer.d_conv
+        di = 2 * C
+        conv = self.patch_embed.proj
+        n0 = self.num_tokens
+        total = mult * (n0 * C * conv.in_channels * math.prod(conv.kernel_size) + C * self.num_classes)
+        if convention == "full":
+            total += n0 * C + 4 * C                          # position embedding, final norm
+        for N in token_counts:
+            if convention == "paper":
+                total += (N * C * 4 * C + N * di * C + (N + k - 1) * di * k + N * di * (R + 2 * n)
+                          + N * R * di + 9 * N * di * n + 2 * N * di)
+                continue
+            per_direction = (2 * N * di * k + N * di        # depthwise causal conv + bias
+                             + 4 * N * di                    # SiLU
+                             + 2 * N * di * (R + 2 * n)      # x_proj
+                             + 2 * N * R * di                # dt_proj
+                             + 3 * N * di                    # + bias, softplus (exp, log1p)
+                             + N * di                        # dt * u
+                             + 2 * N * di * n                # dt * A and exp
+                             + 3 * N * di * n                # (dt u) * B, a * h + that
+                             + 2 * N * di * n                # y = C . h
+                             + 2 * N * di                    # + D u
+                             + 5 * N * di)                   # * silu(z)
+            total += (2 * N * C * 4 * C + 2 * N * di * C + 2 * per_direction + 2 * N * di   # average
+                      + 4 * N * C + N * C)                                                  # norm, residual
+        return float(total)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_filter(self, state: dict[str, Tensor], source: str, strict: bool
+                          ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Recognise a Vim checkpoint and resample its position embedding to this model's grid
+        (the middle class token's row kept out of the interpolation, see
+        :func:`~vimerge.models.checkpoint.resample_pos_embed`).
+
+        Raises:
+            CheckpointError: the weights are not a Vim's (no ``layers.N.mixer`` keys), or a
+                position embedding that is not a square grid would need resampling.
+        """
+        if not any(k.startswith("layers.") for k in state):
+            prefixes = sorted({k.split(".", 1)[0] for k in state})
+            msg = (f"checkpoint {source} is not a Vision Mamba (Vim) checkpoint: it has no "
+                   f"'layers.N.mixer...' keys (its keys start with: {listing(prefixes)})")
+            if strict:
+                raise CheckpointError(msg)
+            warnings.warn(msg, stacklevel=3)
+        old, new = state.get("pos_embed"), self.pos_embed
+        if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1] or old.shape[1] == new.shape[1]:
+            return state, {"resized_pos_embed": False}   # nothing to do, or a mismatch the key check reports
+        n_old = old.shape[1] - 1
+        side = math.isqrt(n_old)
+        if side * side != n_old:
+            msg = (f"checkpoint {source} has a position embedding for {n_old} patches, which is not a "
+                   f"square grid, and the model has {self.num_patches} patches (grid "
+                   f"{tuple(self.grid_size)}); build the model with the checkpoint's img_size/patch_size, or "
+                   f"resample it yourself with resample_pos_embed(..., old_grid=(h, w))")
+            if strict:
+                raise CheckpointError(msg)
+            warnings.warn(msg, stacklevel=3)
+            return state, {"resized_pos_embed": False}
+        resized = resample_pos_embed(old, tuple(self.grid_size), (side, side), n_old // 2, self.cls_index)
+        return {**state, "pos_embed": resized}, {"resized_pos_embed": True}
+
+    def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
+        """When the checkpoint's dimensions differ from this model's: what they are and the
+        ``create_model(...)`` call that fits them."""
+        ckpt, mine = _architecture(state), _architecture(self.state_dict())
+        differs = {k: (v, mine[k]) for k, v in ckpt.items() if k in mine and mine[k] != v and k != "num_classes"}
+        if not differs:
+            return None
+
+        def say(key: str, value: int) -> str:
+            return f"{value} blocks" if key == "depth" else f"{key} {value}"
+        have = " and ".join(say(k, v) for k, (v, _) in differs.items())
+        want = " and ".join(say(k, w) for k, (_, w) in differs.items())
+        return f"this checkpoint has {have} (the model: {want}); build the model with {_suggest_model(ckpt)}"
+
     @property
     def scan_backend(self) -> str:
         return self.layers[0].mixer.scan_backend if len(self.layers) else "auto"
@@ -271,3 +423,69 @@ class VisionMamba(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint recognition
+
+
+def _architecture(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """What Vim weights say about the model they came from (only what can be told)."""
+    arch: dict[str, int] = {}
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4:
+        arch.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[-1])
+    elif "norm_f.weight" in state:
+        arch["embed_dim"] = state["norm_f.weight"].shape[0]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    if blocks:
+        arch["depth"] = max(blocks) + 1
+    a_log = state.get("layers.0.mixer.A_log")
+    if a_log is not None and a_log.dim() == 2:
+        arch["d_state"] = a_log.shape[1]
+    head = state.get("head.weight")
+    if head is not None and head.dim() == 2:
+        arch["num_classes"] = head.shape[0]
+    return arch
+
+
+def _suggest_model(arch: dict[str, int]) -> str:
+    """The ``create_model(...)`` call of the Vim preset nearest these dimensions."""
+    presets = {n: {"in_chans": 3, "num_classes": 1000, **model_defaults(n)}
+               for n in list_models() if get_preset(n).builder is VisionMamba}
+    best = next((n for n, d in presets.items() if d.get("embed_dim") == arch.get("embed_dim")), "vim_tiny")
+    defaults = presets.get(best, {})
+    overrides: dict[str, int] = {}
+    for key, value in arch.items():
+        if defaults.get(key) != value:
+            overrides[key] = value
+            if key == "patch_size":  # the stride is not in the weights: assume no overlap
+                overrides["stride"] = value
+    return f"create_model({', '.join([repr(best), *(f'{k}={v}' for k, v in overrides.items())])})"
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+# Where the official weights live, for users who are online (see checkpoint.read_state_dict).
+HUB_WEIGHTS = {
+    "vim_tiny": "hf://hustvl/Vim-tiny-midclstok/vim_t_midclstok_76p1acc.pth",
+    "vim_small": "hf://hustvl/Vim-small-midclstok/vim_s_midclstok_80p5acc.pth",
+    "vim_base": "hf://hustvl/Vim-base-midclstok/vim_b_midclstok_81p9acc.pth",
+}
+
+_VIM = dict(patch_size=16, stride=16, depth=24, d_state=16)
+for _size, _dim, _letter in (("tiny", 192, "t"), ("small", 384, "s"), ("base", 768, "b")):
+    register_model(
+        f"vim_{_size}", VisionMamba, pretrained=HUB_WEIGHTS[f"vim_{_size}"], embed_dim=_dim, **_VIM,
+        aliases=(f"vim_{_size}_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+                 f"vim_{_letter}_midclstok"))
+
+# Fashion-MNIST (28x28, one channel, 10 classes): the demo's model. Patch 4 gives 49 patches +
+# the class token = 50 tokens; patch 2 (197 tokens, the ImageNet Vims' count) trains at 31 img/s
+# on the 2-core development CPU (32 min per epoch) and evaluates at 134 img/s, too slow for a
+# demo that must finish in minutes, against 123 / 499 img/s with patch 4 (measured 2026-11-25).
+# The shipped base checkpoint (trained here; its JSON sidecar records command, seed and accuracy).
+FMNIST_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "vim_fmnist.pth"
+register_model("vim_fmnist", VisionMamba, pretrained=FMNIST_WEIGHTS, img_size=28, patch_size=4, stride=4,
+               in_chans=1, depth=8, embed_dim=96, d_state=16, num_classes=10)

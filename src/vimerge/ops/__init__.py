@@ -3,8 +3,8 @@
 >>> from vimerge.ops import selective_scan, available_backends
 """
 
-from .dispatch import (Backend, ScanBackendNotice, available_backends, register_backend,
-                             resolve_backend, selective_scan)
+from .dispatch import available_backends, resolve_backend, selective_scan
+from .registry import Backend, ScanBackendNotice, register_backend
 
 __all__ = ["selective_scan", "available_backends", "register_backend", "resolve_backend",
            "Backend", "ScanBackendNotice"]

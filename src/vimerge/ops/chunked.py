@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Backend, register_backend
+
 from .reference import prepare_delta, skip_and_gate
 
 
@@ -79,11 +81,7 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     return skip_and_gate(y, u, D, z)
 
 
-def _register() -> None:
-    from .dispatch import Backend, register_backend
-    register_backend(Backend("chunked", selective_scan_chunked,
+register_backend(Backend("chunked", selective_scan_chunked,
                              frozenset({"cpu", "cuda", "mps", "xpu"}),
                              auto_priority={"cuda": 1}))
 
-
-_register()

@@ -3,51 +3,20 @@
 Every backend has the signature of :func:`selective_scan` (without ``backend``),
 receives fp32 tensors and returns an fp32 tensor; the dispatcher validates shapes,
 casts and picks the backend. A new backend (e.g. a Triton kernel) is one module that
-calls :func:`register_backend`.
+registers itself in :mod:`vimerge.ops.registry`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-ScanFn = Callable[..., Tensor]
+from . import chunked, numba_cpu, recompute, reference  # noqa: F401  (each registers its backend)
+from .registry import _BACKENDS, Backend, ScanBackendNotice
 
-
-class ScanBackendNotice(UserWarning):
-    """Emitted (once per reason) when ``auto`` cannot use the preferred backend."""
-
-
-@dataclass
-class Backend:
-    """A selective-scan implementation.
-
-    Attributes:
-        name: the name users pass as ``backend=``.
-        fn: the implementation, same signature as :func:`selective_scan` minus ``backend``.
-        devices: device types it runs on (``{"cpu"}``, ``{"cuda"}``, ...).
-        check: returns ``None`` when usable on this machine, else a one-line reason.
-        auto_priority: higher is preferred by ``auto`` on a device; ``None`` = never auto.
-    """
-    name: str
-    fn: ScanFn
-    devices: frozenset[str]
-    check: Callable[[], str | None] = field(default=lambda: None)
-    auto_priority: dict[str, int] = field(default_factory=dict)
-
-
-_BACKENDS: dict[str, Backend] = {}
 _NOTICED: set[str] = set()
-
-
-def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend in the registry."""
-    _BACKENDS[backend.name] = backend
-
 
 def _unavailable_reason(backend: Backend) -> str | None:
     try:
@@ -58,7 +27,6 @@ def _unavailable_reason(backend: Backend) -> str | None:
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Names of the backends usable on this machine (optionally: on this device type)."""
-    _ensure_loaded()
     dev = None if device is None else torch.device(device).type
     return [name for name, be in _BACKENDS.items()
             if (dev is None or dev in be.devices) and _unavailable_reason(be) is None]
@@ -66,7 +34,6 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device | str) -> Backend:
     """The backend ``backend`` names for tensors on ``device`` (``"auto"`` picks one)."""
-    _ensure_loaded()
     dev = torch.device(device).type
     if backend != "auto":
         if backend not in _BACKENDS:
@@ -136,15 +103,3 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     out = be.fn(f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z),
                 f32(delta_bias), delta_softplus)
     return out.to(u.dtype)
-
-
-_LOADED = False
-
-
-def _ensure_loaded() -> None:
-    """Import the backend modules (each registers itself) on first use."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from . import reference, recompute, chunked, numba_cpu  # noqa: F401

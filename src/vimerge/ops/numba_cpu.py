@@ -26,6 +26,8 @@ import time
 import torch
 from torch import Tensor
 
+from .registry import Backend, register_backend
+
 try:
     import numba
     import numpy as np
@@ -299,10 +301,6 @@ def jit_stats() -> dict[str, float]:
     return dict(_STATS)
 
 
-def _register() -> None:
-    from .dispatch import Backend, register_backend
-    register_backend(Backend("numba", selective_scan_numba, frozenset({"cpu"}), check=_check,
+register_backend(Backend("numba", selective_scan_numba, frozenset({"cpu"}), check=_check,
                              auto_priority={"cpu": 2}))
 
-
-_register()

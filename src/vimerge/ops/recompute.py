@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import Backend, register_backend
+
 from .reference import prepare_delta, scan_loop, skip_and_gate
 
 DEFAULT_CHUNK = 16
@@ -78,11 +80,7 @@ def selective_scan_recompute(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     return skip_and_gate(y, u, D, z)
 
 
-def _register() -> None:
-    from .dispatch import Backend, register_backend
-    register_backend(Backend("recompute", selective_scan_recompute,
+register_backend(Backend("recompute", selective_scan_recompute,
                              frozenset({"cpu", "cuda", "mps", "xpu"}),
                              auto_priority={"cpu": 1}))
 
-
-_register()

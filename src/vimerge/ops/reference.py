@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Backend, register_backend
+
 
 def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     """Add the per-channel bias (d,) to delta (b, d, L) and apply softplus if asked."""
@@ -68,10 +70,6 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     return skip_and_gate(y, u, D, z)
 
 
-def _register() -> None:
-    from .dispatch import Backend, register_backend
-    register_backend(Backend("reference", selective_scan_reference,
+register_backend(Backend("reference", selective_scan_reference,
                              frozenset({"cpu", "cuda", "mps", "xpu"})))
 
-
-_register()

@@ -1,67 +1,80 @@
-"""Token reduction for Vim: one reducer object per method, installed with :func:`apply`.
+"""Token reduction: one reducer object per method, installed with :func:`apply`.
 
 >>> import vimerge
->>> vimerge.apply(model, "rmeeto", r=11)       # or ratio=0.31
+>>> vimerge.apply(model, "rmeeto:r=11")        # or apply(model, "rmeeto", ratio=0.31)
 >>> model.reduction.r = 13                     # change it at run time
+>>> vimerge.token_counts(model)                # tokens each block's mixer sees
 >>> vimerge.remove(model)                      # back to the unreduced model
+
+Methods (one file each, registered with :func:`register_method`): ``rmeeto`` (R-MeeTo
+merging), ``prune`` (its pruning baseline), ``stm`` (Sequential Token Merging). A reduction is
+written as one spec string everywhere (:func:`parse_spec`, :func:`format_spec`,
+:func:`spec_of`). ``ratio`` is the mean-token reduction ratio for every method.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from .rmeeto import Prune, RMeeTo
+from ..tokens import Reducer, TokenModel, TokenState, ratio_from_counts
+from . import prune, rmeeto, stm  # noqa: F401  (each registers its method)
+from .prune import Prune
+from .registry import (METHODS, NONE, build, format_spec, list_methods, option, options_of, parse_spec,
+                       register_method, spec_of)
+from .rmeeto import RMeeTo
 from .schedule import r_for_ratio, reduction_ratio
-from .state import Reducer, TokenState
-
-METHODS: dict[str, Callable[..., Any]] = {"rmeeto": RMeeTo, "prune": Prune}
+from .stm import STM
 
 
-def register_method(name: str, factory: Callable[..., Any]) -> None:
-    """Make ``apply(model, name, **options)`` build ``factory(**options)``."""
-    METHODS[name] = factory
+def apply(model: TokenModel, method: str | Reducer, **options: Any) -> Reducer | None:
+    """Install a token-reduction method on a model in place; returns the reducer.
 
+    Args:
+        model: a backbone offering the :class:`~vimerge.tokens.TokenModel` protocol (every
+            model of ``vimerge.create_model``).
+        method: a spec (``"rmeeto:r=11,interval=2"``), a registered name (``"rmeeto"``,
+            ``"prune"``, ``"stm"``) built with ``options``, ``"none"`` (removes the
+            reduction; returns None) or a reducer object.
+        **options: options of the method (they override those of a spec).
 
-def apply(model, method: str | Reducer, **options: Any) -> Reducer:
-    """Install a token-reduction method on a Vim in place; returns the reducer.
-
-    ``method`` is a name (``"rmeeto"``, ``"prune"``, ``"stm"``) built with ``options``, or a
-    reducer object. The reducer is ``model.reduction``: change its fields at run time.
+    Raises:
+        TypeError: ``model`` is not a token model.
+        ValueError: an unknown method or option, or a value the method refuses (the message
+            names it and what is allowed).
     """
-    if not hasattr(model, "layers") or not hasattr(model, "reduction"):
-        raise TypeError(f"vimerge.apply needs a vimerge VisionMamba, got {type(model).__name__}")
+    if not isinstance(model, TokenModel):
+        raise TypeError(f"vimerge.apply needs a vimerge token model (create_model), got {type(model).__name__}")
     if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"unknown reduction method {method!r}; available: {', '.join(sorted(METHODS))}")
-        reducer = METHODS[method](**options)
+        reducer = build(method, **options)
     else:
         if options:
             raise ValueError("options go to the reducer's constructor; pass them there")
         reducer = method
+    if reducer is None:
+        remove(model)
+        return None
+    model.record_blocks(())
     model.reduction = reducer
     return reducer
 
 
-def remove(model) -> None:
-    """Take the reduction off: the model computes exactly what it did before ``apply``."""
+def remove(model: TokenModel) -> None:
+    """Take the reduction off: the model computes exactly what it did before :func:`apply`."""
     model.reduction = None
-    for block in model.layers:
-        block.mixer.record = False
-        block.mixer.recorded = {}
+    model.record_blocks(())
 
 
-def token_counts(model, num_tokens: int | None = None) -> list[int]:
-    """Tokens each block's mixer sees under the model's active reduction."""
-    n = model.num_patches + 1 if num_tokens is None else num_tokens
+def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
+    """Tokens each block's mixer sees under the model's active reduction.
+
+    ``num_tokens``: tokens after the embedding (default: the model's, ``model.num_tokens``).
+    """
+    n = model.num_tokens if num_tokens is None else num_tokens
     if model.reduction is None:
-        return [n] * len(model.layers)
-    return model.reduction.token_counts(n, len(model.layers))
+        return [n] * model.depth
+    return model.reduction.token_counts(n, model.depth, model.cls_index)
 
 
-__all__ = ["apply", "remove", "register_method", "token_counts", "reduction_ratio", "r_for_ratio",
-           "RMeeTo", "Prune", "TokenState", "METHODS"]
-
-from . import stm  # noqa: E402,F401  (registers "stm"; imported last: stm.py uses register_method)
-from .stm import STM  # noqa: E402
-
-__all__ += ["STM"]
+__all__ = ["apply", "remove", "token_counts", "register_method", "option", "options_of", "list_methods",
+           "parse_spec", "format_spec", "spec_of", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
+           "ratio_from_counts", "RMeeTo", "Prune", "STM", "TokenState", "Reducer"]

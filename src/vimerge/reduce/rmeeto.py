@@ -13,34 +13,20 @@ an ablation of the R-MeeTo paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .schedule import bipartite_capacity, check_r, r_for_ratio, ratio_from_counts, token_counts
-from .state import TokenState
+from ..tokens import (MERGE_MODES, MergePlan, TokenModel, TokenState, check_convention, merge_state,
+                      ratio_from_counts)
+from .registry import option, register_method
+from .schedule import bipartite_capacity, check_r, r_for_ratio, token_counts
 
 DISTANCES = ("cosine", "l1", "l2")
-MODES = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
 GROUPINGS = ("odd-even", "front-behind", "random")
 METRICS = ("X", "B", "C", "delta", "y")
-
-
-@dataclass
-class MergePlan:
-    """How one reduction step maps N tokens to N - r (indices into the N input tokens).
-
-    Attributes:
-        slot: (B, N) output position of every input token; -1 for dropped (pruned) tokens.
-        num_out: N - r.
-        cls_index: the class token's output position.
-    """
-    slot: Tensor
-    num_out: int
-    cls_index: int
-    gather: object = None   # cached fast-path indices (see _gather_plan)
 
 
 def _groups(m: int, grouping: str, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
@@ -124,79 +110,6 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     return MergePlan(slot, n - r, new_cls)
 
 
-def _gather_plan(plan: MergePlan) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(first token of every slot (B, N - r), the other kept tokens (B, k), their slots (B, k)).
-
-    The fast path: each output is one gathered token plus the k tokens merged into it, when
-    every image merges the same number of tokens (always true for these methods).
-    """
-    if plan.gather is None:
-        bsz, n = plan.slot.shape
-        slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out)
-        tokens = torch.arange(n, device=slot.device).expand(bsz, n)
-        first = torch.full((bsz, plan.num_out + 1), n, device=slot.device, dtype=torch.long)
-        first.scatter_reduce_(1, slot, tokens, "amin")
-        extra = (first.gather(1, slot) != tokens) & (plan.slot >= 0)
-        counts = extra.sum(1)
-        if (counts != counts[0]).any():
-            plan.gather = False
-        else:
-            others = extra.nonzero()[:, 1].view(bsz, int(counts[0]))
-            plan.gather = (first[:, :plan.num_out], others, slot.gather(1, others))
-    return plan.gather or None
-
-
-def merge_tokens(x: Tensor, plan: MergePlan, mode: str = "sum") -> Tensor:
-    """Apply a plan to (B, N, C) -> (B, N - r, C), combining the tokens of one slot by ``mode``.
-
-    Tokens the plan drops (slot -1, pruning) do not reach the output.
-    """
-    bsz, n, c = x.shape
-    fast = _gather_plan(plan)
-    if fast is not None:
-        first, others, other_slot = fast
-        out = x.gather(1, first.unsqueeze(-1).expand(-1, -1, c))
-        if others.shape[1]:
-            extra = x.gather(1, others.unsqueeze(-1).expand(-1, -1, c))
-            idx = other_slot.unsqueeze(-1).expand(-1, -1, c)
-            if mode in ("sum", "mean"):
-                out = out.scatter_add(1, idx, extra)
-            else:
-                out = out.scatter_reduce(1, idx, extra, MODES[mode], include_self=True)
-            if mode == "mean":
-                count = torch.ones_like(out[..., :1]).scatter_add(1, other_slot.unsqueeze(-1),
-                                                                  torch.ones_like(extra[..., :1]))
-                out = out / count
-        return out
-    slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out).unsqueeze(-1)
-    out = x.new_zeros(bsz, plan.num_out + 1, c)
-    if mode in ("sum", "mean"):
-        out.scatter_add_(1, slot.expand(-1, -1, c), x)
-        if mode == "mean":
-            count = x.new_zeros(bsz, plan.num_out + 1, 1).scatter_add_(1, slot, x.new_ones(bsz, n, 1))
-            out = out / count.clamp_min(1)
-    else:
-        out = out.scatter_reduce(1, slot.expand(-1, -1, c), x, MODES[mode], include_self=False)
-    return out[:, :plan.num_out]
-
-
-def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum") -> TokenState:
-    """Reduce every stream of the state with one plan, weighting tokens by their size.
-
-    Like the official code: x' = merge(x * size) / merge(size) and size' = merge(size), with
-    the same ``mode`` for both ("sum" and "mean" give the size-weighted average). The hidden
-    and residual streams go through one scatter.
-    """
-    size = merge_tokens(state.size, plan, mode)
-    streams = [state.hidden] if state.residual is None else [state.hidden, state.residual.to(state.hidden.dtype)]
-    merged = merge_tokens(torch.cat(streams, dim=-1) * state.size, plan, mode) / size
-    hidden, residual = merged.split(state.hidden.shape[-1], dim=-1) if len(streams) == 2 else (merged, None)
-    if residual is not None:
-        residual = residual.to(state.residual.dtype)
-    source = None if state.source is None else merge_tokens(state.source, plan, "max")
-    return TokenState(hidden, residual, size, plan.cls_index, source, state.layer, state.extras)
-
-
 def shuffle_tokens(state: TokenState, fraction: float, generator: torch.Generator | None) -> TokenState:
     """Permute a random ``fraction`` of the non-class token positions among themselves (Table 5)."""
     n = state.num_tokens
@@ -209,42 +122,56 @@ def shuffle_tokens(state: TokenState, fraction: float, generator: torch.Generato
     perm[chosen] = chosen[torch.randperm(count, generator=generator)]
     perm = perm.to(state.hidden.device)
     pick = lambda t: None if t is None else t[:, perm]  # noqa: E731
-    return TokenState(pick(state.hidden), pick(state.residual), pick(state.size), state.cls_index,
-                      pick(state.source), state.layer, state.extras)
+    return state.replace(hidden=pick(state.hidden), residual=pick(state.residual), size=pick(state.size),
+                         source=pick(state.source))
 
 
+def matching_flops(num_in: int, width: int, r: int) -> float:
+    """Multiply-adds of one bipartite matching step on ``num_in`` tokens of width ``width``
+    that removes ``r``: normalisation ``6 N C``, similarities ``2 C (N/2)^2``, merging ``r C``
+    (R-MeeTo's ``calc_flops``; Table 2 reproduces with it)."""
+    return 6 * num_in * width + 2 * width * (num_in / 2) ** 2 + r * width
+
+
+@register_method("rmeeto")
 @dataclass
 class RMeeTo:
-    """R-MeeTo merging as a reducer (``vimerge.apply(model, "rmeeto", r=11)``).
+    """R-MeeTo merging as a reducer (``vimerge.apply(model, "rmeeto:r=11")``).
 
     Give ``r`` (tokens per reducing block, or an explicit per-block list) or ``ratio``
-    (the nearest r is used). Every field can be changed on ``model.reduction`` at run time.
+    (the mean-token reduction ratio; the nearest r is used). Every field can be changed on
+    ``model.reduction`` at run time. Options map to the paper's ablations (R-MeeTo tables
+    named in each help text).
     """
-    r: int | Sequence[int] | None = None
-    ratio: float | None = None
-    interval: int = 2
-    odd: bool = False
-    distance: str = "cosine"
-    mode: str = "sum"
-    kth: int = 1
-    grouping: str = "odd-even"
-    metric: str = "X"
-    ordered: bool = True
-    shuffle_ratio: float = 0.0
-    select: str = "top"
-    pair: str = "best"
-    prune: bool = False
-    track_source: bool = False
-    seed: int | None = None
-    name: str = field(default="rmeeto", repr=False)
+    r: int | list[int] | None = option(None, "tokens removed per reducing block, or one per block: [0,4,...]")
+    ratio: float | None = option(None, "mean-token reduction ratio (1 - mean tokens per block / initial "
+                                       "tokens, R-MeeTo Table 10), instead of r")
+    interval: int = option(2, "reduce every k blocks, from block k (R-MeeTo: 2)")
+    odd: bool = option(False, "reduce blocks 1, 3, ... instead of 2, 4, ... (R-MeeTo Table 16)")
+    distance: str = option("cosine", "similarity of the matching (Table 7)", choices=DISTANCES)
+    mode: str = option("sum", "how merged tokens combine (Table 6)", choices=tuple(MERGE_MODES))
+    kth: int = option(1, "merge into the k-th closest partner (Table 15)")
+    grouping: str = option("odd-even", "how tokens split into the two sets (Table 20)", choices=GROUPINGS)
+    metric: str = option("X", "features compared (Table 9): X, or the previous block's B, C, delta, y",
+                         choices=METRICS)
+    ordered: bool = option(True, "keep the token order; --shuffle gives Table 4's odd-even shuffle",
+                           flag="--shuffle", action="store_false")
+    shuffle_ratio: float = option(0.0, "permute this fraction of tokens before each step (Table 5)")
+    select: str = option("top", "which matched tokens merge (App. D.4)", choices=("top", "random"))
+    pair: str = option("best", "merge into the matched or a random partner (App. D.4)", choices=("best", "random"))
+    track_source: bool = option(False, "keep the map of original tokens per token (for pictures)", cli=False)
+    seed: int | None = option(None, "seed of the random options")
+
+    drop = False   # Prune sets True: selected tokens are dropped instead of merged
 
     def __post_init__(self) -> None:
-        if (self.r is None) == (self.ratio is None):
-            if self.r is None and self.ratio is None:
-                self.r = 0
-            else:
-                raise ValueError("give either r (tokens per reducing block) or ratio, not both")
-        for value, allowed, what in ((self.distance, DISTANCES, "distance"), (self.mode, tuple(MODES), "mode"),
+        if self.r is not None and self.ratio is not None:
+            raise ValueError("give either r (tokens per reducing block) or ratio, not both")
+        if self.r is None and self.ratio is None:
+            self.r = 0
+        if isinstance(self.r, tuple):
+            self.r = list(self.r)
+        for value, allowed, what in ((self.distance, DISTANCES, "distance"), (self.mode, tuple(MERGE_MODES), "mode"),
                                      (self.grouping, GROUPINGS, "grouping"), (self.metric, METRICS, "metric"),
                                      (self.select, ("top", "random"), "select"),
                                      (self.pair, ("best", "random"), "pair")):
@@ -254,6 +181,8 @@ class RMeeTo:
             raise ValueError(f"kth must be >= 1, got {self.kth}")
         if not 0.0 <= self.shuffle_ratio <= 1.0:
             raise ValueError(f"shuffle_ratio must be in [0, 1], got {self.shuffle_ratio}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio is the mean-token reduction ratio and must be in [0, 1), got {self.ratio}")
         self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -262,31 +191,45 @@ class RMeeTo:
         r = self.r if self.ratio is None else r_for_ratio(self.ratio, num_tokens, depth, self.interval, self.odd)
         return check_r(r, num_tokens, depth, self.interval, self.odd)
 
-    def token_counts(self, num_tokens: int, depth: int) -> list[int]:
-        """Tokens each block's mixer sees."""
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
+        """Tokens each block's mixer sees (the class token's place does not matter here)."""
         return token_counts(self.layer_r(num_tokens, depth), num_tokens)
 
     def reduction_ratio(self, num_tokens: int, depth: int) -> float:
         return ratio_from_counts(self.token_counts(num_tokens, depth), num_tokens)
 
+    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
+        """The matching at every block where tokens disappear (:func:`matching_flops`), counted
+        as in the paper (a multiply-add is one FLOP) or twice that for ``"full"``."""
+        mult, total, prev = check_convention(convention), 0.0, num_tokens
+        for n in counts:
+            if n < prev:
+                total += mult * matching_flops(prev, width, prev - n)
+            prev = n
+        return total
+
     # ------------------------------------------------------------------ reducer protocol
-    def prepare(self, model, num_tokens: int) -> None:
-        self._r = self.layer_r(num_tokens, len(model.layers))
+    def prepare(self, model: TokenModel, num_tokens: int) -> None:
+        self._r = self.layer_r(num_tokens, model.depth)
         needs = self.metric != "X"
-        for i, block in enumerate(model.layers):
-            block.mixer.record = needs and i + 1 < len(self._r) and self._r[i + 1] > 0
+        model.record_blocks([i for i in range(model.depth - 1) if needs and self._r[i + 1] > 0])
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator().manual_seed(self.seed)
 
-    def _metric(self, state: TokenState, model) -> Tensor:
+    def _metric(self, state: TokenState, model: TokenModel) -> Tensor:
         if self.metric == "X":
             return state.hidden
-        rec = model.layers[state.layer - 1].mixer.recorded
+        rec = model.block_record(state.layer - 1)
+        if rec is None:
+            raise ValueError(f"metric {self.metric!r} needs the scan of block {state.layer - 1}, which "
+                             f"this model did not record (a backbone without a selective scan offers "
+                             f"only metric 'X')")
         if self.metric == "y":
-            return rec["y"].transpose(1, 2)
-        return ((rec["fwd"][self.metric] + rec["bwd"][self.metric]) / 2).transpose(1, 2)
+            return rec.output.transpose(1, 2)
+        fwd, bwd = getattr(rec.forward, self.metric), getattr(rec.backward, self.metric)
+        return ((fwd + bwd) / 2).transpose(1, 2)
 
-    def reduce(self, state: TokenState, model) -> TokenState:
+    def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
         r = min(self._r[state.layer], bipartite_capacity(state.num_tokens))
         if r <= 0:
             return state
@@ -297,10 +240,5 @@ class RMeeTo:
         metric = self._metric(state, model)
         plan = bipartite_plan(metric, state.cls_index, r, distance=self.distance, kth=self.kth,
                               grouping=self.grouping, select=self.select, pair=self.pair,
-                              ordered=self.ordered, prune=self.prune, generator=self._generator)
+                              ordered=self.ordered, prune=self.drop, generator=self._generator)
         return merge_state(state, plan, self.mode)
-
-
-def Prune(**options) -> RMeeTo:
-    """The pruning baseline: R-MeeTo's selection, with the selected tokens dropped."""
-    return RMeeTo(**{**options, "prune": True, "name": "prune"})

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from ..tokens import ratio_from_counts
+
 Capacity = Callable[[int], int]
 
 
@@ -50,11 +52,6 @@ def token_counts(r_per_layer: Sequence[int], num_tokens: int,
         n -= min(r, capacity(n))
         counts.append(n)
     return counts
-
-
-def ratio_from_counts(counts: Sequence[int], num_tokens: int) -> float:
-    """1 - mean tokens per block / initial tokens."""
-    return 1.0 - sum(counts) / (len(counts) * num_tokens) if counts else 0.0
 
 
 def check_r(r: int | Sequence[int], num_tokens: int, depth: int, interval: int = 2, odd: bool = False,

@@ -13,8 +13,14 @@ Two parts, both described in ``docs/stm.md``:
   class token, using the time steps, ``B`` and ``C`` that the *previous* block recorded at
   those positions (``hsp=False`` gives the size-weighted average of R-MeeTo).
 
+Two ways to set the amount, like every method of vimerge: ``ratio`` is the mean-token
+reduction ratio (``1 - mean tokens per block / initial tokens``, R-MeeTo Table 10), for which
+the schedule whose mean is nearest is searched (:func:`settings_for_mean_ratio`);
+``final_ratio`` is STM's own setting (its Tables 1-3: 15 / 20 / 30 / 40 %), the fraction of
+the tokens gone after the last reducing block.
+
 Sweep positions (the BNNM schedule). With ``N`` tokens, the class token at ``c`` and
-``T = floor(ratio * N + 1/2)`` tokens to remove in total, the left side (``L = c`` tokens) gives
+``T = floor(final_ratio * N + 1/2)`` tokens to remove in total, the left side (``L = c`` tokens) gives
 ``T_L`` tokens and the right side (``R = N - 1 - c``) gives ``T_R = T - T_L``; the odd token
 goes to the longer side, to the left on a tie. Side ``s`` of length ``S`` removes, in this
 order, the tokens at distance ``floor(k * S / T_s)`` from its far end, ``k = 0 .. T_s - 1``
@@ -28,17 +34,17 @@ the token next to the class token is never removed (at most ``S - 1`` per side).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .rmeeto import MergePlan, merge_state, merge_tokens
-from .schedule import ratio_from_counts
-from .state import TokenState
+from ..tokens import (MergePlan, TokenModel, TokenState, check_convention, merge_state, merge_tokens,
+                      ratio_from_counts)
+from .registry import option, register_method
 
 COLLAPSES = ("attention", "decay")
 
@@ -90,14 +96,14 @@ class MergeStep:
         return MergePlan(slot.expand(batch, -1), self.num_out, self.cls_out)
 
 
-def target_tokens(ratio: float, num_tokens: int) -> int:
-    """Tokens gone at the end: ``ratio`` of all ``num_tokens`` (class token included), rounded."""
-    return math.floor(ratio * num_tokens + 0.5)
+def target_tokens(final_ratio: float, num_tokens: int) -> int:
+    """Tokens gone at the end: ``final_ratio`` of all ``num_tokens`` (class token included), rounded."""
+    return math.floor(final_ratio * num_tokens + 0.5)
 
 
-def default_per_side(ratio: float) -> int:
+def default_per_side(final_ratio: float) -> int:
     """The paper's setting: 1 token per side per block up to 15 % reduction, 2 above."""
-    return 1 if ratio <= 0.15 else 2
+    return 1 if final_ratio <= 0.15 else 2
 
 
 def side_targets(total: int, left: int, right: int) -> tuple[int, int]:
@@ -111,16 +117,12 @@ def sweep_offsets(side_len: int, count: int) -> list[int]:
     return [(k * side_len) // count for k in range(count)]
 
 
-def bnnm_schedule(num_tokens: int, depth: int, ratio: float, per_side: int | None = None,
-                  start_layer: int = 1, cls_index: int | None = None) -> list[MergeStep | None]:
-    """The BNNM step of every block (None where a block does not reduce).
-
-    ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``. Raises ValueError
-    for requests that cannot be met (see the module docstring for the positions).
-    """
-    check_ratio(ratio)
+def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int | None,
+                start_layer: int, cls_index: int | None) -> tuple[int, int, int, int, int, int, int]:
+    """Validate a BNNM request; returns (c, left, right, t_left, t_right, per_side, need)."""
+    check_final_ratio(final_ratio)
     if per_side is None:
-        per_side = default_per_side(ratio)
+        per_side = default_per_side(final_ratio)
     if per_side < 1:
         raise ValueError(f"per_side must be >= 1, got {per_side}")
     if not 0 <= start_layer:
@@ -129,22 +131,50 @@ def bnnm_schedule(num_tokens: int, depth: int, ratio: float, per_side: int | Non
     if not 0 <= c < num_tokens:
         raise ValueError(f"class token index {c} is outside a sequence of {num_tokens} tokens")
     left, right = c, num_tokens - 1 - c
-    total = target_tokens(ratio, num_tokens)
+    total = target_tokens(final_ratio, num_tokens)
     t_left, t_right = side_targets(total, left, right)
     cap = max(left - 1, 0), max(right - 1, 0)   # the class token's neighbours stay
     if total and per_side > max(cap):
         raise ValueError(f"per_side={per_side} is more than the {max(cap)} tokens one side of the class "
                          f"token can give ({left} left, {right} right of it, its neighbours stay)")
     if t_left > cap[0] or t_right > cap[1]:
-        raise ValueError(f"ratio {ratio} asks for {total} of {num_tokens} tokens ({t_left} left, {t_right} "
-                         f"right of the class token) but a side can give at most its length minus one "
-                         f"({cap[0]} left, {cap[1]} right); lower the ratio")
+        raise ValueError(f"final_ratio {final_ratio} asks for {total} of {num_tokens} tokens ({t_left} left, "
+                         f"{t_right} right of the class token) but a side can give at most its length minus "
+                         f"one ({cap[0]} left, {cap[1]} right); lower the ratio")
     need = math.ceil(max(t_left, t_right) / per_side) if total else 0
     if start_layer + need > depth:
-        raise ValueError(f"ratio {ratio} with per_side={per_side} needs {need} reducing blocks from block "
-                         f"{start_layer}, but the model has {depth} blocks; raise per_side to "
+        raise ValueError(f"final_ratio {final_ratio} with per_side={per_side} needs {need} reducing blocks from "
+                         f"block {start_layer}, but the model has {depth} blocks; raise per_side to "
                          f"{math.ceil(max(t_left, t_right) / max(depth - start_layer, 1))} or lower "
                          f"start_layer/ratio")
+    return c, left, right, t_left, t_right, per_side, need
+
+
+def bnnm_counts(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
+                start_layer: int = 1, cls_index: int | None = None) -> list[int]:
+    """Tokens each block's mixer sees under the BNNM schedule, without building it (the same
+    numbers as ``schedule_counts(bnnm_schedule(...))``: block ``start_layer + k`` removes
+    ``min(per_side, T_s - k per_side)`` tokens from each side ``s`` that has some left)."""
+    _, _, _, t_left, t_right, p, need = _plan_sides(num_tokens, depth, final_ratio, per_side, start_layer,
+                                                    cls_index)
+    counts, n = [], num_tokens
+    for layer in range(depth):
+        k = layer - start_layer
+        if 0 <= k < need:
+            n -= max(0, min(p, t_left - k * p)) + max(0, min(p, t_right - k * p))
+        counts.append(n)
+    return counts
+
+
+def bnnm_schedule(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
+                  start_layer: int = 1, cls_index: int | None = None) -> list[MergeStep | None]:
+    """The BNNM step of every block (None where a block does not reduce).
+
+    ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``. Raises ValueError
+    for requests that cannot be met (see the module docstring for the positions).
+    """
+    c, left, right, t_left, t_right, per_side, need = _plan_sides(
+        num_tokens, depth, final_ratio, per_side, start_layer, cls_index)
     queues = ([p for p in sweep_offsets(left, t_left)],
               [num_tokens - 1 - d for d in sweep_offsets(right, t_right)])
     alive = list(range(num_tokens))       # original positions of the current tokens
@@ -179,41 +209,44 @@ def schedule_counts(steps: list[MergeStep | None], num_tokens: int) -> list[int]
     return counts
 
 
+@functools.lru_cache(maxsize=256)
 def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, start_layer: int = 1,
-                            max_error: float = 0.03) -> dict[str, float | int]:
-    """STM options (``ratio``, ``per_side``) whose mean-token reduction ratio is nearest ``mean_ratio``.
+                            max_error: float = 0.03, per_side: int | None = None,
+                            cls_index: int | None = None) -> dict[str, float | int]:
+    """STM settings (``final_ratio``, ``per_side``) whose mean-token reduction ratio is nearest
+    ``mean_ratio``.
 
-    STM's own ``ratio`` counts the tokens gone at the end; R-MeeTo's ratio is ``1 - mean tokens
-    per block / initial tokens`` (:func:`~vimerge.reduce.schedule.ratio_from_counts`). This
-    searches every final ratio ``k / num_tokens`` and every ``per_side`` for the schedule whose
-    mean-token ratio is closest to the request (ties: the smaller ``per_side``, then the smaller
-    final ratio), so that STM rows share R-MeeTo's x-axis. Raises ValueError when nothing comes
-    within ``max_error``.
+    Searches every final ratio ``k / num_tokens`` and every ``per_side`` (or only the given
+    one) for the schedule whose mean-token ratio (:func:`vimerge.tokens.ratio_from_counts`)
+    is closest to the request (ties: the smaller ``per_side``, then the smaller final ratio),
+    so that STM shares R-MeeTo's x-axis. Raises ValueError when nothing comes within
+    ``max_error``.
     """
     if not 0.0 <= mean_ratio < 1.0:
         raise ValueError(f"a mean-token reduction ratio must be in [0, 1), got {mean_ratio}")
     best: tuple[float, int, int] | None = None
-    for per_side in range(1, num_tokens // 2 + 1):
+    sides = range(1, num_tokens // 2 + 1) if per_side is None else (per_side,)
+    for p in sides:
         for k in range(num_tokens):
             try:
-                steps = bnnm_schedule(num_tokens, depth, k / num_tokens, per_side, start_layer)
+                counts = bnnm_counts(num_tokens, depth, k / num_tokens, p, start_layer, cls_index)
             except ValueError:
                 break                      # larger k needs more tokens or blocks than exist
-            got = ratio_from_counts(schedule_counts(steps, num_tokens), num_tokens)
-            key = (round(abs(got - mean_ratio), 9), per_side, k)
+            got = ratio_from_counts(counts, num_tokens)
+            key = (round(abs(got - mean_ratio), 9), p, k)
             if best is None or key < best:
                 best = key
     if best is None or best[0] > max_error:
         reach = "nothing" if best is None else f"{best[0]:.3f} away at best"
         raise ValueError(f"STM cannot reach a mean-token ratio of {mean_ratio} with {num_tokens} tokens "
-                         f"and {depth} blocks from block {start_layer} ({reach})")
-    return {"ratio": best[2] / num_tokens, "per_side": best[1]}
+                         f"and {depth} blocks from block {start_layer} ({reach}); lower the ratio")
+    return {"final_ratio": best[2] / num_tokens, "per_side": best[1]}
 
 
-def check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio is the fraction of tokens removed by the end and must be in [0, 1), "
-                         f"got {ratio}")
+def check_final_ratio(final_ratio: float) -> None:
+    if not 0.0 <= final_ratio < 1.0:
+        raise ValueError(f"final_ratio is the fraction of tokens removed by the end and must be in [0, 1), "
+                         f"got {final_ratio}")
 
 
 # ---------------------------------------------------------------------------- HSP weights
@@ -294,20 +327,25 @@ def weighted_merge(state: TokenState, plan: MergePlan, omega: Tensor) -> TokenSt
     residual = None if state.residual is None else merge_tokens(state.residual * w, plan) / norm
     size = merge_tokens(state.size, plan)
     source = None if state.source is None else merge_tokens(state.source, plan, "max")
-    return TokenState(hidden.to(state.hidden.dtype), residual, size, plan.cls_index, source, state.layer,
-                      state.extras)
+    return state.replace(hidden=hidden.to(state.hidden.dtype), residual=residual, size=size,
+                         cls_index=plan.cls_index, source=source)
 
 
 # ---------------------------------------------------------------------------- the reducer
+@register_method("stm")
 @dataclass
 class STM:
-    """Sequential Token Merging as a reducer (``vimerge.apply(model, "stm", ratio=0.2)``).
+    """Sequential Token Merging as a reducer (``vimerge.apply(model, "stm:ratio=0.28")``).
 
     Args:
-        ratio: fraction of the tokens (class token included) gone after the last reducing
-            block, e.g. 0.2 removes ``round(0.2 N)`` tokens; in [0, 1).
+        ratio: the mean-token reduction ratio (1 - mean tokens per block / initial tokens),
+            as for every method; the nearest BNNM schedule is searched
+            (:func:`settings_for_mean_ratio`, within 0.03).
+        final_ratio: STM's own setting instead of ``ratio``: the fraction of the tokens (class
+            token included) gone after the last reducing block, e.g. 0.2 removes
+            ``round(0.2 N)`` tokens (STM Tables 1-3). Default 0.2 when neither is given.
         per_side: tokens removed per side of the class token per reducing block; default as in
-            the paper, 1 for ``ratio <= 0.15`` and 2 above.
+            the paper, 1 for ``final_ratio <= 0.15`` and 2 above.
         start_layer: first reducing block (default 1: HSP needs the previous block's records).
         hsp: weight absorbed tokens by the hidden-state-protection coefficients; False gives
             plain BNNM with the size-weighted average of R-MeeTo.
@@ -322,17 +360,26 @@ class STM:
     order of ``MergeStep.removed``) and ``fallbacks`` lists ``(block, reason)`` where HSP fell
     back to BNNM's plain average.
     """
-    ratio: float = 0.2
-    per_side: int | None = None
-    start_layer: int = 1
-    hsp: bool = True
-    collapse: str = "attention"
-    max_weight: float = 1.0
-    track_source: bool = False
-    name: str = field(default="stm", repr=False)
+    ratio: float | None = option(None, "mean-token reduction ratio (1 - mean tokens per block / initial tokens)")
+    final_ratio: float | None = option(None, "STM: fraction of tokens gone after the last block (STM's 15/20/30/40 %%)")
+    per_side: int | None = option(None, "STM: tokens merged per side of the class token per block")
+    start_layer: int = option(1, "STM: first reducing block")
+    hsp: bool = option(True, "STM: plain BNNM without hidden-state protection", flag="--no-hsp",
+                       action="store_false")
+    collapse: str = option("attention", "STM: HSP coefficients per token (docs/stm.md)", choices=COLLAPSES)
+    max_weight: float = option(1.0, "STM: clip HSP weights to [0, max_weight]")
+    track_source: bool = option(False, "keep the map of original tokens per token (for pictures)", cli=False)
 
     def __post_init__(self) -> None:
-        check_ratio(self.ratio)
+        if self.ratio is not None and self.final_ratio is not None:
+            raise ValueError("give either ratio (mean-token reduction ratio) or final_ratio (STM's tokens gone "
+                             "at the end), not both")
+        if self.ratio is None and self.final_ratio is None:
+            self.final_ratio = 0.2
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio is the mean-token reduction ratio and must be in [0, 1), got {self.ratio}")
+        if self.final_ratio is not None:
+            check_final_ratio(self.final_ratio)
         if self.per_side is not None and self.per_side < 1:
             raise ValueError(f"per_side must be >= 1, got {self.per_side}")
         if self.start_layer < 0:
@@ -346,30 +393,47 @@ class STM:
         self.fallbacks: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ schedule
+    def settings(self, num_tokens: int, depth: int, cls_index: int | None = None) -> tuple[float, int]:
+        """(final_ratio, per_side) of the schedule: as given, or searched for ``ratio``."""
+        if self.final_ratio is not None:
+            return self.final_ratio, self.per_side or default_per_side(self.final_ratio)
+        found = settings_for_mean_ratio(self.ratio, num_tokens, depth, self.start_layer,
+                                        per_side=self.per_side, cls_index=cls_index)
+        return found["final_ratio"], found["per_side"]
+
     def schedule(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[MergeStep | None]:
         """The BNNM step of every block (see :func:`bnnm_schedule`)."""
-        return bnnm_schedule(num_tokens, depth, self.ratio, self.per_side, self.start_layer, cls_index)
+        final, per_side = self.settings(num_tokens, depth, cls_index)
+        return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index)
 
-    def token_counts(self, num_tokens: int, depth: int) -> list[int]:
-        """Tokens each block's mixer sees (class token at ``(num_tokens - 1) // 2``, as in Vim)."""
-        return schedule_counts(self.schedule(num_tokens, depth), num_tokens)
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
+        """Tokens each block's mixer sees (class token by default at ``(num_tokens - 1) // 2``, as in Vim)."""
+        final, per_side = self.settings(num_tokens, depth, cls_index)
+        return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index)
 
     def reduction_ratio(self, num_tokens: int, depth: int) -> float:
         """1 - mean tokens per block / initial tokens."""
         return ratio_from_counts(self.token_counts(num_tokens, depth), num_tokens)
 
+    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
+        """The weighted averages of the merged tokens: ``removed x width`` multiply-adds per
+        reducing block (twice that for ``"full"``). BNNM matches nothing (its positions are
+        fixed); HSP's weights (about 3 d_inner d_state operations per removed token, under
+        0.3 % of a Vim block per token) are not counted."""
+        mult, total, prev = check_convention(convention), 0.0, num_tokens
+        for n in counts:
+            total += mult * (prev - n) * width
+            prev = n
+        return total
+
     # ------------------------------------------------------------------ reducer protocol
-    def prepare(self, model, num_tokens: int) -> None:
-        depth = len(model.layers)
+    def prepare(self, model: TokenModel, num_tokens: int) -> None:
+        depth = model.depth
         self._steps = self.schedule(num_tokens, depth, model.cls_index)
         self.weights, self.fallbacks = {}, []
-        for i, block in enumerate(model.layers):
-            wanted = self.hsp and i + 1 < depth and self._steps[i + 1] is not None
-            block.mixer.record = wanted
-            if wanted:
-                block.mixer.recorded = {}
+        model.record_blocks([i for i in range(depth - 1) if self.hsp and self._steps[i + 1] is not None])
 
-    def reduce(self, state: TokenState, model) -> TokenState:
+    def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
         step = self._steps[state.layer] if state.layer < len(self._steps) else None
         if step is None:
             return state
@@ -385,17 +449,16 @@ class STM:
             return merge_state(state, plan)
         return weighted_merge(state, plan, omega)
 
-    def _omega(self, state: TokenState, model, step: MergeStep) -> Tensor | None:
+    def _omega(self, state: TokenState, model: TokenModel, step: MergeStep) -> Tensor | None:
         """(b, N, 1) merge weights: 1 for kept tokens, the HSP weight for removed ones."""
         if state.layer == 0:
             self.fallbacks.append((0, "block 0 has no previous block to estimate dt, B, C from"))
             return None
-        mixer = model.layers[state.layer - 1].mixer
-        rec = mixer.recorded
+        rec = model.block_record(state.layer - 1)
         reason = None
-        if "fwd" not in rec or "bwd" not in rec:
-            reason = f"block {state.layer - 1} recorded nothing (its mixer.record was off)"
-        elif rec["fwd"]["delta"].shape[-1] != state.num_tokens or rec["fwd"]["delta"].shape[0] != state.hidden.shape[0]:
+        if rec is None:
+            reason = f"block {state.layer - 1} recorded nothing (it was not asked to, or it has no scan)"
+        elif rec.forward.num_tokens != state.num_tokens or rec.forward.delta.shape[0] != state.hidden.shape[0]:
             reason = f"block {state.layer - 1}'s records do not match the sequence (stale)"
         if reason is not None:
             warnings.warn(f"STM: HSP falls back to plain BNNM at block {state.layer}: {reason}", stacklevel=2)
@@ -405,22 +468,18 @@ class STM:
         omega = torch.ones(b, state.num_tokens, 1, device=state.hidden.device, dtype=torch.float32)
         w_all = torch.zeros(b, len(step.removed), device=omega.device)
         with torch.no_grad():
-            for sgn, key, sfx in ((-1, "fwd", ""), (1, "bwd", "_b")):
+            for sgn, scan in ((-1, rec.forward), (1, rec.backward)):
                 idx = [k for k, s in enumerate(step.side) if s == sgn]
                 if not idx:
                     continue
-                r = rec[key]
                 removed, target = [step.removed[k] for k in idx], [step.target[k] for k in idx]
                 # only the positions from a removed token to its target enter the weights: keep
                 # those columns (in order, so that cumulative sums along them stay exact)
                 cols = sorted({p for j, i in zip(removed, target) for p in range(min(j, i), max(j, i) + 1)})
                 at = {p: q for q, p in enumerate(cols)}
-                take = torch.tensor(cols, device=r["delta"].device)
-                bias = getattr(mixer, "dt_proj" + sfx).bias.float()
-                dt = F.softplus(r["delta"].index_select(-1, take).float() + bias[None, :, None])
-                A = -torch.exp(getattr(mixer, "A_b_log" if sfx else "A_log").float())
-                w = direction_weights(dt, r["B"].index_select(-1, take).float(),
-                                      r["C"].index_select(-1, take).float(), A,
+                take = torch.tensor(cols, device=scan.delta.device)
+                w = direction_weights(scan.dt(take), scan.B.index_select(-1, take).float(),
+                                      scan.C.index_select(-1, take).float(), scan.A.float(),
                                       [at[j] for j in removed], [at[i] for i in target],
                                       backward=sgn > 0, collapse=self.collapse)
                 w = clean_weights(w, self.max_weight).to(omega.device)
@@ -428,8 +487,3 @@ class STM:
             omega[:, list(step.removed), 0] = w_all
         self.weights[state.layer] = w_all
         return omega
-
-
-from . import register_method  # noqa: E402  (defined by the package before it imports this module)
-
-register_method("stm", STM)

@@ -1,0 +1,277 @@
+"""The bottom of the package: the token state, the merge plan and the written protocols.
+
+Everything a backbone (``vimerge.models``) and a reduction method (``vimerge.reduce``) share
+lives here, so that the two never import each other:
+
+* :class:`TokenState`: what flows between blocks (hidden and residual streams, per-token
+  ``size``, optional ``source`` map, the class token's index), as in ToMe's ``size``/``source``.
+* :class:`MergePlan`, :func:`merge_tokens`, :func:`merge_state`: one reduction step as an
+  index map, applied to every stream at once (size-weighted average, R-MeeTo/ToMe).
+* :func:`ratio_from_counts`: THE reduction ratio, ``1 - mean tokens per block / initial
+  tokens`` (R-MeeTo Table 10); every method's ``ratio`` means this.
+* :class:`ScanRecord`, :class:`BlockRecord`: what a Mamba block hands to a reducer that asks
+  for its scan inputs (R-MeeTo's B/C/delta/y metrics, STM's hidden-state protection).
+* :class:`Reducer` and :class:`TokenModel`: the two protocols. A reducer is installed as
+  ``model.reduction`` and called before the token mixer of every block; a model exposes its
+  token layout and, on request, its blocks' scan records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Collection, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CONVENTIONS = ("paper", "full")
+"""FLOPs conventions: ``"paper"`` counts a multiply-add as one FLOP and one scan direction
+(R-MeeTo's ``calc_flops``, Table 2); ``"full"`` counts every arithmetic operation."""
+
+
+def check_convention(convention: str) -> int:
+    """Raise ValueError for an unknown FLOPs convention; returns FLOPs per multiply-add (1 or 2)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; use 'paper' or 'full'")
+    return 1 if convention == "paper" else 2
+
+
+def ratio_from_counts(counts: Sequence[int], num_tokens: int) -> float:
+    """Mean-token reduction ratio: ``1 - mean(counts) / num_tokens`` (R-MeeTo Table 10).
+
+    ``counts``: tokens each block's mixer sees; ``num_tokens``: tokens after the embedding.
+    """
+    return 1.0 - sum(counts) / (len(counts) * num_tokens) if counts else 0.0
+
+
+# --------------------------------------------------------------------------------- the state
+
+
+@dataclass
+class TokenState:
+    """What flows between blocks (shapes for B images, N tokens, width E).
+
+    Attributes:
+        hidden: (B, N, E) the previous block's mixer output (the embedded tokens before block 0).
+        residual: (B, N, E) fp32 residual stream, or None before block 0 (or for backbones
+            whose blocks keep no separate residual stream).
+        size: (B, N, 1) how many original tokens each token stands for.
+        cls_index: position of the class token (the same for every image).
+        source: (B, N, N0) optional 0/1 map of which original tokens each token holds
+            (only when source tracking is on; N0 = tokens after embedding).
+        layer: the index of the block about to run.
+    """
+    hidden: Tensor
+    residual: Tensor | None
+    size: Tensor
+    cls_index: int
+    source: Tensor | None = None
+    layer: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False) -> "TokenState":
+        b, n, _ = tokens.shape
+        source = None
+        if track_source:
+            source = torch.eye(n, device=tokens.device, dtype=tokens.dtype).expand(b, n, n)
+        return cls(tokens, None, tokens.new_ones(b, n, 1), cls_index, source)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def replace(self, **changes) -> "TokenState":
+        """A copy with some fields changed (the tensors are shared, not copied)."""
+        fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
+                      cls_index=self.cls_index, source=self.source, layer=self.layer,
+                      extras=self.extras)
+        fields.update(changes)
+        return TokenState(**fields)
+
+
+# --------------------------------------------------------------------------------- merge plans
+
+MERGE_MODES = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
+
+
+@dataclass
+class MergePlan:
+    """How one reduction step maps N tokens to N - r (indices into the N input tokens).
+
+    Attributes:
+        slot: (B, N) output position of every input token; -1 for dropped (pruned) tokens.
+        num_out: N - r.
+        cls_index: the class token's output position.
+    """
+    slot: Tensor
+    num_out: int
+    cls_index: int
+    gather: object = None   # cached fast-path indices (see _gather_plan)
+
+
+def _gather_plan(plan: MergePlan) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(first token of every slot (B, N - r), the other kept tokens (B, k), their slots (B, k)).
+
+    The fast path: each output is one gathered token plus the k tokens merged into it, when
+    every image merges the same number of tokens (always true for the built-in methods).
+    """
+    if plan.gather is None:
+        bsz, n = plan.slot.shape
+        slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out)
+        tokens = torch.arange(n, device=slot.device).expand(bsz, n)
+        first = torch.full((bsz, plan.num_out + 1), n, device=slot.device, dtype=torch.long)
+        first.scatter_reduce_(1, slot, tokens, "amin")
+        extra = (first.gather(1, slot) != tokens) & (plan.slot >= 0)
+        counts = extra.sum(1)
+        if (counts != counts[0]).any():
+            plan.gather = False
+        else:
+            others = extra.nonzero()[:, 1].view(bsz, int(counts[0]))
+            plan.gather = (first[:, :plan.num_out], others, slot.gather(1, others))
+    return plan.gather or None
+
+
+def merge_tokens(x: Tensor, plan: MergePlan, mode: str = "sum") -> Tensor:
+    """Apply a plan to (B, N, C) -> (B, N - r, C), combining the tokens of one slot by ``mode``
+    ("sum", "mean", "max" or "min"). Tokens the plan drops (slot -1, pruning) do not reach
+    the output."""
+    bsz, n, c = x.shape
+    fast = _gather_plan(plan)
+    if fast is not None:
+        first, others, other_slot = fast
+        out = x.gather(1, first.unsqueeze(-1).expand(-1, -1, c))
+        if others.shape[1]:
+            extra = x.gather(1, others.unsqueeze(-1).expand(-1, -1, c))
+            idx = other_slot.unsqueeze(-1).expand(-1, -1, c)
+            if mode in ("sum", "mean"):
+                out = out.scatter_add(1, idx, extra)
+            else:
+                out = out.scatter_reduce(1, idx, extra, MERGE_MODES[mode], include_self=True)
+            if mode == "mean":
+                count = torch.ones_like(out[..., :1]).scatter_add(1, other_slot.unsqueeze(-1),
+                                                                  torch.ones_like(extra[..., :1]))
+                out = out / count
+        return out
+    slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out).unsqueeze(-1)
+    out = x.new_zeros(bsz, plan.num_out + 1, c)
+    if mode in ("sum", "mean"):
+        out.scatter_add_(1, slot.expand(-1, -1, c), x)
+        if mode == "mean":
+            count = x.new_zeros(bsz, plan.num_out + 1, 1).scatter_add_(1, slot, x.new_ones(bsz, n, 1))
+            out = out / count.clamp_min(1)
+    else:
+        out = out.scatter_reduce(1, slot.expand(-1, -1, c), x, MERGE_MODES[mode], include_self=False)
+    return out[:, :plan.num_out]
+
+
+def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum") -> TokenState:
+    """Reduce every stream of the state with one plan, weighting tokens by their size.
+
+    As in the official R-MeeTo code: x' = merge(x * size) / merge(size) and
+    size' = merge(size), with the same ``mode`` for both ("sum" and "mean" give the
+    size-weighted average). The hidden and residual streams go through one scatter.
+    """
+    size = merge_tokens(state.size, plan, mode)
+    streams = [state.hidden] if state.residual is None else [state.hidden, state.residual.to(state.hidden.dtype)]
+    merged = merge_tokens(torch.cat(streams, dim=-1) * state.size, plan, mode) / size
+    hidden, residual = merged.split(state.hidden.shape[-1], dim=-1) if len(streams) == 2 else (merged, None)
+    if residual is not None:
+        residual = residual.to(state.residual.dtype)
+    source = None if state.source is None else merge_tokens(state.source, plan, "max")
+    return state.replace(hidden=hidden, residual=residual, size=size, cls_index=plan.cls_index,
+                         source=source)
+
+
+# --------------------------------------------------------------------------------- scan records
+
+
+@dataclass
+class ScanRecord:
+    """One direction of a Mamba block's selective scan, recorded for a reducer, in token order.
+
+    Attributes:
+        delta: (B, D, N) raw time steps, before ``delta_bias`` and softplus.
+        B, C: (B, n, N) input and output projections.
+        A: (D, n) the (negative) state matrix, ``-exp(A_log)``.
+        delta_bias: (D,) added to ``delta`` before softplus.
+    """
+    delta: Tensor
+    B: Tensor
+    C: Tensor
+    A: Tensor
+    delta_bias: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.delta.shape[-1]
+
+    def dt(self, columns: Tensor | None = None) -> Tensor:
+        """Time steps as the scan uses them, ``softplus(delta + delta_bias)``, fp32, (B, D, N)
+        or (B, D, len(columns)) for the selected token positions only."""
+        delta = self.delta if columns is None else self.delta.index_select(-1, columns)
+        return F.softplus(delta.float() + self.delta_bias.float()[None, :, None])
+
+
+@dataclass
+class BlockRecord:
+    """What a bidirectional Mamba block recorded in its last forward (all in token order).
+
+    Attributes:
+        forward: the scan from the first token to the last.
+        backward: the scan from the last token to the first (tensors flipped back).
+        output: (B, D, N) the mixer's output before its output projection.
+    """
+    forward: ScanRecord
+    backward: ScanRecord
+    output: Tensor
+
+
+# --------------------------------------------------------------------------------- protocols
+
+
+@runtime_checkable
+class TokenModel(Protocol):
+    """What a backbone offers token-reduction methods.
+
+    Attributes:
+        num_tokens: tokens after the embedding (patches + class token).
+        depth: number of blocks; a reducer is called before the mixer of each.
+        cls_index: the class token's position after the embedding.
+        embed_dim: token width E.
+        reduction: the installed :class:`Reducer`, or None.
+    """
+    num_tokens: int
+    depth: int
+    cls_index: int
+    embed_dim: int
+    reduction: "Reducer | None"
+
+    def record_blocks(self, layers: Collection[int]) -> None:
+        """Record :class:`BlockRecord` s in the next forwards of exactly these blocks (empty: none)."""
+
+    def block_record(self, layer: int) -> BlockRecord | None:
+        """What block ``layer`` recorded in the last forward (None: nothing, or no scan)."""
+
+
+class Reducer(Protocol):
+    """A token-reduction method, called by the model before the mixer of every block.
+
+    Implementations are dataclasses registered with ``vimerge.reduce.register_method``;
+    their fields are the method's options.
+    """
+    name: str
+
+    def prepare(self, model: TokenModel, num_tokens: int) -> None:
+        """Called at the start of every forward (e.g. to ask blocks to record their scans)."""
+
+    def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
+        """Map the state entering block ``state.layer`` to a (possibly) smaller one."""
+
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
+        """Tokens each block's mixer sees, for ``num_tokens`` tokens after the embedding."""
+
+    def flops(self, token_counts: Sequence[int], num_tokens: int, width: int,
+              convention: str = "paper") -> float:
+        """FLOPs per image the method itself adds (e.g. the matching), for these counts."""
