@@ -8,7 +8,9 @@ import torch
 
 import vimerge
 from vimerge.data.fashion_mnist import FashionMNIST, FashionMNISTNotFound
-from vimerge.models.registry import FMNIST_WEIGHTS
+from vimerge.models.registry import pretrained_uri
+
+FMNIST_WEIGHTS = pretrained_uri("vim_fmnist")
 
 SIDECAR = Path(FMNIST_WEIGHTS).with_suffix(".json")
 

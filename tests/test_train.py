@@ -12,8 +12,10 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from vimerge import token_counts
+from vimerge.measure.evaluate import evaluate
 from vimerge.models import create_model
-from vimerge.train import (EMA, CosineSchedule, LightAugment, NonFiniteLossError, RetrainConfig,
+from vimerge.reduce import parse_spec
+from vimerge.train import (BASE_RECIPE, EMA, CosineSchedule, LightAugment, NonFiniteLossError, RetrainConfig,
                            RunDirError, load_retrained, lr_at, no_decay_names, param_groups,
                            resolve_accum, retrain)
 from vimerge.train.data import epoch_order, subset_indices
@@ -43,7 +45,7 @@ def easy_data(n=96, seed=0):
 
 def tiny_config(out, **kw):
     base = dict(model="vim_tiny", model_kwargs=TINY, img_size=16, num_classes=3,
-                scan_backend="reference", method="rmeeto", reduction={"r": 2, "interval": 1}, batch_size=8,
+                scan_backend="reference", reduce="rmeeto:r=2,interval=1", batch_size=8,
                 effective_batch=16, epochs=2, lr=2e-3, min_lr=1e-4, label_smoothing=0.0,
                 workers=0, output=str(out), progress=False, log_every=1)
     base.update(kw)
@@ -111,6 +113,34 @@ def test_no_decay_parameter_groups():
     assert decay | no_decay == {n for n, _ in model.named_parameters()}
 
 
+def test_no_decay_names_unchanged_for_vim_fmnist():
+    # the rule train/recipe.py had before it left parameter names to the backbone
+    model = create_model("vim_fmnist")
+    old_rule = {name for name, p in model.named_parameters()
+                if p.ndim <= 1 or name.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b",
+                                                             "pos_embed", "cls_token")}
+    assert no_decay_names(model) == old_rule
+    assert {"pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.0.mixer.D_b"} <= old_rule
+
+
+def test_config_reduce_spec_and_old_configs():
+    assert RetrainConfig().reduce == "rmeeto:r=11"
+    assert RetrainConfig(**BASE_RECIPE).reduce == "none"
+    assert RetrainConfig(reduce="rmeeto: r=4, interval=1").reduce == "rmeeto:r=4,interval=1"
+    with pytest.raises(ValueError):
+        RetrainConfig(reduce="rmeeto:no_such_option=1")
+    cfg = RetrainConfig(reduce="rmeeto:r=2,interval=1", epochs=2)
+    assert RetrainConfig.from_dict(cfg.to_dict()) == cfg
+    # configurations written before specs carry method + reduction
+    old = {k: v for k, v in cfg.to_dict().items() if k != "reduce"}
+    assert RetrainConfig.from_dict({**old, "method": "rmeeto", "reduction": {"r": 2, "interval": 1}}) == cfg
+    assert RetrainConfig.from_dict({**old, "method": "none", "reduction": {}}).reduce == "none"
+    assert RetrainConfig.from_dict({**old, "reduction": {"r": 5}}).reduce == "rmeeto:r=5"  # old default method
+    # STM's old "ratio" (tokens gone after the last block) is now its "final_ratio"
+    stm = RetrainConfig.from_dict({**old, "method": "stm", "reduction": {"ratio": 0.2, "per_side": 2}})
+    assert parse_spec(stm.reduce) == ("stm", {"final_ratio": 0.2, "per_side": 2})
+
+
 def test_effective_batch_arithmetic():
     assert resolve_accum(128, 4, 1024) == (2, 1024)      # the paper: 4 GPUs x 128 x 2
     assert resolve_accum(128, 1, 1024) == (8, 1024)
@@ -175,7 +205,7 @@ def test_timm_recipe_needs_timm(tmp_path):
 def test_resume_gives_the_same_weights(tmp_path):
     data = easy_data(48)      # 3 steps of 16 per epoch, 2 epochs
     kw = dict(ema=True, drop_path=0.1, crop="pad",
-              reduction={"r": 2, "interval": 1, "grouping": "random", "seed": 1})
+              reduce="rmeeto:r=2,interval=1,grouping=random,seed=1")
     full = retrain(tiny_config(tmp_path / "full", **kw), train_data=data)
     assert full.status == "finished" and full.global_step == 6
 
@@ -254,12 +284,22 @@ def test_short_run_learns_logs_and_records_reduction(tmp_path):
     assert result.eval_acc > 0.8
     # final checkpoint: weights + reduction configuration; load_retrained re-applies it
     ckpt = torch.load(tmp_path / "final.pth", weights_only=True)
-    assert ckpt["reduction"] == {"method": "rmeeto", "options": {"r": 2, "interval": 1}}
+    assert ckpt["reduction"] == "rmeeto:r=2,interval=1"
     model = load_retrained(tmp_path / "final.pth", scan_backend="reference")
     assert token_counts(model) == token_counts(result.model) == [17, 15]
     x = data.tensors[0][:5]
     with torch.no_grad():
         torch.testing.assert_close(model(x), result.model(x))
+    # checkpoints written before specs stored {"method", "options"}: still loaded
+    ckpt["reduction"] = {"method": "rmeeto", "options": {"r": 2, "interval": 1}}
+    torch.save(ckpt, tmp_path / "old.pth")
+    old = load_retrained(tmp_path / "old.pth", scan_backend="reference")
+    assert token_counts(old) == [17, 15]
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), result.model(x))
+    # validation is the library's evaluate() on the same images
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    assert result.eval_acc == evaluate(result.model, loader, progress=False)["correct"] / len(data)
 
 
 def _write_idx(path, array, magic):
@@ -281,21 +321,25 @@ def test_cli_retrain_on_fashion_mnist_files(tmp_path):
         _write_idx(data / f"{split}-images-idx3-ubyte.gz", images, 2051)
         _write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels, 2049)
     out = tmp_path / "run"
-    argv = ["retrain", "--model", "vim_tiny", "--set", "depth=2", "--set", "embed_dim=16",
-            "--set", "patch_size=7", "--set", "stride=7", "--set", "in_chans=1", "--img-size", "28",
-            "--scan-backend", "reference", "--method", "rmeeto", "--r", "2", "--interval", "1",
-            "--data", str(data),
-            "--epochs", "1", "--batch-size", "8", "--effective-batch", "16", "--workers", "0",
-            "--output", str(out), "--no-progress", "--log-every", "1"]
+    common = ["retrain", "--model", "vim_tiny", "--set", "depth=2", "--set", "embed_dim=16",
+              "--set", "patch_size=7", "--set", "stride=7", "--set", "in_chans=1", "--img-size", "28",
+              "--scan-backend", "reference", "--data", str(data),
+              "--epochs", "1", "--batch-size", "8", "--effective-batch", "16", "--workers", "0",
+              "--output", str(out), "--no-progress", "--log-every", "1"]
+    argv = common + ["--method", "rmeeto", "--r", "2", "--interval", "1"]
     assert main(argv) == 0
     ckpt = torch.load(out / "final.pth", weights_only=True)
     assert ckpt["arch"]["kwargs"]["num_classes"] == 10          # from the data set
-    assert ckpt["reduction"]["method"] == "rmeeto" and ckpt["reduction"]["options"]["r"] == 2
+    assert ckpt["reduction"] == "rmeeto:r=2,interval=1"
     epoch = [rec for rec in read_log(out) if rec["event"] == "epoch"][0]
     assert epoch["eval_acc"] is not None                         # the test split, auto-detected
     assert main(argv) == 1                                       # finished: needs --overwrite
-    assert main(argv + ["--overwrite", "--fraction", "0.5", "--effective-batch", "8"]) == 0
-    assert [rec for rec in read_log(out) if rec["event"] == "start"][0]["train_samples"] == 16
+    # the same reduction as one spec
+    assert main(common + ["--reduce", "rmeeto:r=2,interval=1", "--overwrite", "--fraction", "0.5",
+                          "--effective-batch", "8"]) == 0
+    start = [rec for rec in read_log(out) if rec["event"] == "start"][0]
+    assert start["train_samples"] == 16 and start["reduction"] == "rmeeto:r=2,interval=1"
+    assert torch.load(out / "final.pth", weights_only=True)["reduction"] == "rmeeto:r=2,interval=1"
 
 
 def test_distillation_teacher_is_the_unreduced_model(tmp_path):
@@ -311,5 +355,5 @@ def test_distillation_teacher_is_the_unreduced_model(tmp_path):
         return [rec for rec in read_log(tmp_path / run) if rec["event"] == "step"][0]["loss"]
 
     # without reduction the student is the teacher: the KL term is 0; with it, it is not
-    assert first_loss("same", method="none", reduction={}) == pytest.approx(0.0, abs=1e-6)
-    assert first_loss("reduced", method="rmeeto", reduction={"r": 3, "interval": 1}) > 1e-4
+    assert first_loss("same", reduce="none") == pytest.approx(0.0, abs=1e-6)
+    assert first_loss("reduced", reduce="rmeeto:r=3,interval=1") > 1e-4

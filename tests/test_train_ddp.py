@@ -1,4 +1,5 @@
-"""2-process gloo DDP on CPU gives the weights of 1 process with the same global batch."""
+"""2-process gloo DDP on CPU gives the weights (and the validation accuracy, each process
+evaluating its shard) of 1 process with the same global batch."""
 
 import json
 import os
@@ -18,10 +19,10 @@ WORKER = textwrap.dedent("""
     from vimerge.train import RetrainConfig, retrain
     from vimerge.train.distributed import DistEnv
 
-    def data():
-        g = torch.Generator().manual_seed(0)
-        y = torch.randint(0, 3, (48,), generator=g)
-        x = torch.randn(48, 1, 16, 16, generator=g) * 0.3
+    def data(n=48, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
         for k in range(3):
             x[y == k, :, 5 * k:5 * k + 5, :] += 1.5
         return TensorDataset(x, y)
@@ -29,14 +30,15 @@ WORKER = textwrap.dedent("""
     def config(out, batch):
         return RetrainConfig(
             model="vim_tiny", model_kwargs=dict(depth=2, embed_dim=16, patch_size=4, stride=4,
-            in_chans=1), img_size=16, num_classes=3, scan_backend="reference", method="rmeeto",
-            reduction={"r": 2, "interval": 1}, batch_size=batch, effective_batch=16, epochs=2, lr=2e-3,
+            in_chans=1), img_size=16, num_classes=3, scan_backend="reference",
+            reduce="rmeeto:r=2,interval=1", batch_size=batch, effective_batch=16, epochs=2, lr=2e-3,
             min_lr=1e-4, label_smoothing=0.1, ema=True, crop="pad", workers=0, output=out,
             progress=False, log_every=1)
 
     if __name__ == "__main__":
         out, batch = sys.argv[1], int(sys.argv[2])
-        result = retrain(config(out, batch), train_data=data())
+        # 23 validation images: shards of 12 and 11 under 2 processes
+        result = retrain(config(out, batch), train_data=data(), val_data=data(23, 1))
         assert result.world_size == int(__import__("os").environ.get("WORLD_SIZE", 1))
         assert result.effective_batch == 16, result
 """)
@@ -87,6 +89,10 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         print(key, worst)
         assert worst < 1e-5, (key, worst)
     assert a["global_step"] == b["global_step"] == 6
+    # validation: every image once over the shards, the counts summed over the processes
+    assert a["eval_acc"] is not None and a["eval_acc_ema"] is not None
+    assert a["eval_acc"] * 23 == pytest.approx(round(a["eval_acc"] * 23))    # of all 23 images
+    assert (b["eval_acc"], b["eval_acc_ema"]) == (a["eval_acc"], a["eval_acc_ema"])
     # one log, written by rank 0, that reports the world size and the effective batch
     with open(tmp_path / "ddp" / "log.jsonl") as f:
         start = json.loads(f.readline())

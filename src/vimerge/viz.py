@@ -28,7 +28,7 @@ def token_groups(model, images: Tensor) -> Tensor:
     owner = source.argmax(dim=1)                              # (B, N0): final token of each
     owner = owner.masked_fill(source.sum(dim=1) == 0, -1)     # pruned patches
     keep = [t for t in range(source.shape[-1]) if t != model.cls_index]
-    gh, gw = model.patch_embed.grid_size
+    gh, gw = model.grid_size
     return owner[:, keep].reshape(-1, gh, gw)
 
 

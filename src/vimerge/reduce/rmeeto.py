@@ -154,7 +154,7 @@ class RMeeTo:
     grouping: str = option("odd-even", "how tokens split into the two sets (Table 20)", choices=GROUPINGS)
     metric: str = option("X", "features compared (Table 9): X, or the previous block's B, C, delta, y",
                          choices=METRICS)
-    ordered: bool = option(True, "keep the token order; --shuffle gives Table 4's odd-even shuffle",
+    ordered: bool = option(True, "keep the token order (--shuffle: Table 4's odd-even shuffle, ordered=false)",
                            flag="--shuffle", action="store_false")
     shuffle_ratio: float = option(0.0, "permute this fraction of tokens before each step (Table 5)")
     select: str = option("top", "which matched tokens merge (App. D.4)", choices=("top", "random"))

@@ -361,7 +361,7 @@ class STM:
     back to BNNM's plain average.
     """
     ratio: float | None = option(None, "mean-token reduction ratio (1 - mean tokens per block / initial tokens)")
-    final_ratio: float | None = option(None, "STM: fraction of tokens gone after the last block (STM's 15/20/30/40 %%)")
+    final_ratio: float | None = option(None, "STM: fraction of tokens gone after the last block (STM's 15/20/30/40 %)")
     per_side: int | None = option(None, "STM: tokens merged per side of the class token per block")
     start_layer: int = option(1, "STM: first reducing block")
     hsp: bool = option(True, "STM: plain BNNM without hidden-state protection", flag="--no-hsp",

@@ -8,8 +8,9 @@
   seed and the epoch, see :mod:`vimerge.train.data`), the RNG states of every process (python,
   numpy, torch, CUDA, the reducer's generator) and the configuration;
 * ``final.pth``: the re-trained weights in the official layout ``{"model": ..., "model_ema":
-  ..., "reduction": {"method", "options"}, "arch": {...}, ...}``; its presence marks the run
-  finished (see :func:`load_retrained`);
+  ..., "reduction": "rmeeto:r=11,...", "arch": {...}, ...}`` (``reduction``: the spec of the
+  installed reducer, :func:`vimerge.reduce.spec_of`, or ``"none"``); its presence marks the
+  run finished (see :func:`load_retrained`);
 * ``config.json``, ``log.jsonl`` (one JSON object a line), ``tb/`` (TensorBoard, optional).
 """
 
@@ -25,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models import create_model
 from ..models.checkpoint import save_checkpoint
+from ..reduce import apply, spec_of
+from .recipe import legacy_spec
 
 LAST, FINAL, LOG, CONFIG = "last.pth", "final.pth", "log.jsonl", "config.json"
 RUN_FILES = (LAST, FINAL, LOG, CONFIG, "tb")
@@ -113,23 +117,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def ensure_method(method: str) -> str:
-    """Import ``vimerge.reduce.<method>`` when the method registers itself on import (STM)."""
-    import importlib
-    from ..reduce import METHODS
-    if method not in METHODS:
-        try:
-            importlib.import_module(f"vimerge.reduce.{method}")
-        except ImportError:
-            pass
-    return method
+def reduction_spec(model: Any) -> str:
+    """The spec of ``model``'s installed reduction (``"none"`` without one), as saved."""
+    return "none" if model.reduction is None else spec_of(model.reduction)
+
+
+def saved_spec(entry: Any) -> str:
+    """The reduction spec of a checkpoint's ``reduction`` entry: a spec string, or the
+    ``{"method", "options"}`` dict of checkpoints written before specs (None: ``"none"``)."""
+    if entry is None or isinstance(entry, str):
+        return entry or "none"
+    return legacy_spec(entry.get("method", "none"), entry.get("options"))
 
 
 def load_retrained(path: str | os.PathLike, *, ema: bool = False, scan_backend: str = "auto"):
     """The model a re-training run wrote to ``final.pth`` (or ``last.pth``), with its token
     reduction re-applied, in eval mode. ``ema=True`` loads the EMA weights."""
-    from ..models import create_model
-    from ..reduce import apply
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     arch = ckpt.get("arch")
     if not arch:
@@ -142,7 +145,5 @@ def load_retrained(path: str | os.PathLike, *, ema: bool = False, scan_backend: 
         weights = ckpt["model_ema"]
         weights = weights.get("weights", weights)
     model.load_state_dict(weights)
-    red = ckpt.get("reduction") or {}
-    if red.get("method", "none") != "none":
-        apply(model, ensure_method(red["method"]), **red.get("options", {}))
+    apply(model, saved_spec(ckpt.get("reduction")))
     return model.eval()

@@ -16,6 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, detect_kind, open_dataset
+from .augment import timm_train_transform
+
 log = logging.getLogger(__name__)
 
 
@@ -92,9 +95,6 @@ def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val:
     """``(train, val)`` datasets for ``--data``: Fashion-MNIST IDX files (train and test
     splits) or an ImageFolder directory (``DIR/train`` and ``DIR/val`` when both exist, else
     ``DIR`` itself and no validation set). ``val`` may name another directory or be None."""
-    from ..data import detect_kind, open_dataset
-    from ..data.imagefolder import ImageFolder
-    from ..data.transforms import EvalTransform
     kind = detect_kind(root, "train")
     if kind == "fashion-mnist":
         train = open_dataset(root, kind=kind, split="train", img_size=img_size, channels=channels)
@@ -112,8 +112,6 @@ def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val:
         train_dir = base / "train"
         val_dir = base / "val" if (base / "val").is_dir() else None
     if augment == "timm":
-        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from .augment import timm_train_transform
         size = img_size if isinstance(img_size, int) else img_size[0]
         transform = timm_train_transform(size, channels, rand_augment, IMAGENET_MEAN, IMAGENET_STD)
     else:  # the whole shorter side, centre-cropped; crops and flips come per batch

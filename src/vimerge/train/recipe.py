@@ -7,6 +7,7 @@ x gradient accumulation x world size), 3 epochs; EMA with decay 0.996 as for Vim
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -15,10 +16,12 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..reduce import format_spec, parse_spec
+from .loss import DISTILL_TYPES
+
 DEFAULT_WORKERS = min(4, (os.cpu_count() or 2) // 2)  # data loader processes per device
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-DISTILL_TYPES = ("none", "soft", "hard")
 AUGMENTS = ("light", "none", "timm")
 CROPS = ("auto", "rrc", "pad", "none")
 
@@ -30,19 +33,19 @@ class RetrainConfig:
     Model: ``model`` (registered name), ``checkpoint`` (weights to start from and, with
     ``distill``, the teacher), ``num_classes`` / ``img_size`` (None: the data's classes / the
     preset's size), ``model_kwargs`` (other constructor arguments), ``scan_backend``.
-    Reduction: ``method`` and ``reduction`` (options of :func:`vimerge.apply`).
+    Reduction: ``reduce``, a reduction spec such as ``"rmeeto:r=11"`` or ``"none"`` (see
+    :func:`vimerge.reduce.apply`); stored in its canonical spelling.
     Data: ``data`` (Fashion-MNIST IDX directory or ImageFolder directory, auto-detected),
     ``val_data`` ("auto": Fashion-MNIST's test split, or DIR/val next to DIR/train), ``fraction``
     of the training set (Table 8; the subset is drawn with ``data_seed``, default ``seed``).
     Steps: ``batch_size`` per device, ``accum_steps`` (None: the fewest that reach
     ``effective_batch`` with the world size), ``epochs``, ``max_steps`` (stop after this global
     optimizer step with a checkpoint, as an interruption would).
-    Loss: cross-entropy with ``label_smoothing`` (soft-target cross-entropy under timm's
-    mixup/cutmix). ``distill`` adds a teacher, the loaded model *without* reduction (frozen):
-    ``"soft"`` is ``tau**2 * KL(teacher || student)`` on logits softened by ``distill_tau``,
-    ``"hard"`` the cross-entropy on the teacher's top class (DeiT's hard distillation; Vim has
-    no distillation token, so both act on the class-token logits); the loss is
-    ``(1 - distill_alpha) * ce + distill_alpha * kd``. The paper re-trains with plain
+    Loss (:mod:`vimerge.train.loss`): cross-entropy with ``label_smoothing`` (soft-target
+    cross-entropy under timm's mixup/cutmix). ``distill`` adds a teacher, the loaded model
+    *without* reduction (frozen): ``"soft"`` is ``tau**2 * KL(teacher || student)`` on logits
+    softened by ``distill_tau``, ``"hard"`` the cross-entropy on the teacher's top class; the
+    loss is ``(1 - distill_alpha) * ce + distill_alpha * kd``. The paper re-trains with plain
     cross-entropy, so the default is ``"none"``.
     """
 
@@ -53,8 +56,7 @@ class RetrainConfig:
     img_size: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     scan_backend: str = "auto"
-    method: str = "rmeeto"
-    reduction: dict[str, Any] = field(default_factory=lambda: {"r": 11})
+    reduce: str = "rmeeto:r=11"
     # data
     data: str | None = None
     val_data: str | None = "auto"
@@ -113,6 +115,7 @@ class RetrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)            # type: ignore[assignment]
         self.rrc_scale = tuple(self.rrc_scale)    # type: ignore[assignment]
+        self.reduce = canonical_spec(self.reduce)
         checks = [
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.distill in DISTILL_TYPES, f"distill must be one of {DISTILL_TYPES}, got {self.distill!r}"),
@@ -137,14 +140,38 @@ class RetrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RetrainConfig":
+        """The configuration ``to_dict`` wrote; also reads the ``method`` + ``reduction``
+        pair of configurations written before ``reduce`` existed."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        if "reduce" not in d and ("method" in d or "reduction" in d):
+            values["reduce"] = legacy_spec(d.get("method", "rmeeto"), d.get("reduction"))
+        return cls(**values)
+
+
+def canonical_spec(spec: str) -> str:
+    """``spec`` in the canonical spelling of :func:`vimerge.reduce.format_spec` (``"none"``
+    stays ``"none"``); raises ValueError on a malformed spec."""
+    name, options = parse_spec(spec)
+    return "none" if name == "none" else format_spec(name, options)
+
+
+def legacy_spec(method: str | None, options: dict[str, Any] | None) -> str:
+    """The spec of an old ``(method, options)`` pair (configurations and checkpoints written
+    before specs). STM's old ``ratio`` (the share of tokens gone after the last block) is the
+    option now called ``final_ratio``."""
+    if not method or method == "none":
+        return "none"
+    options = dict(options or {})
+    if method == "stm" and "ratio" in options and "final_ratio" not in options:
+        options["final_ratio"] = options.pop("ratio")
+    return format_spec(method, options)
 
 
 # Training a base model from scratch (``vimerge train``; the demo's fallback when no base checkpoint
 # exists): the recipe that made the shipped ``vim_fmnist`` weights (89.64% Fashion-MNIST test
 # top-1 after 3 epochs, 24 min on the 2-core development CPU; see assets/vim_fmnist.json).
-BASE_RECIPE: dict[str, Any] = dict(method="none", reduction={}, epochs=3, batch_size=128,
+BASE_RECIPE: dict[str, Any] = dict(reduce="none", epochs=3, batch_size=128,
                                    effective_batch=128, lr=3e-3, min_lr=1e-5, warmup_epochs=0.1,
                                    augment="none", seed=0)
 
@@ -230,14 +257,11 @@ class CosineSchedule:
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters trained without weight decay: biases, norms and other 1-d parameters,
-    A_log / A_b_log / D / D_b, the position embedding and the class token (the model's own
-    ``no_weight_decay()`` when it has one, plus the 1-d rule for any model)."""
-    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or leaf in ("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token"):
-            names.add(name)
+    """Parameters trained without weight decay: the backbone's own ``no_weight_decay()`` (for
+    Vim: A_log / A_b_log / D / D_b, the position embedding, the class token) plus every
+    parameter with at most one dimension (biases, norms)."""
+    names = set(model.no_weight_decay())
+    names.update(name for name, p in model.named_parameters() if p.ndim <= 1)
     return names
 
 
@@ -277,7 +301,6 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.996):
-        import copy
         self.decay = decay
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
