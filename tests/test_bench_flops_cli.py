@@ -1,14 +1,12 @@
 """`vimerge flops` and the throughput benchmark on a tiny model (no timing assertions)."""
 
-import argparse
 import json
 
 import pytest
 
 import vimerge
-from vimerge.cli import add_model_args, add_reduction_args, main
+from vimerge.cli import build_parser, main
 from vimerge.measure import count_flops
-from vimerge.measure.bench import add_bench_args, run_bench
 
 TINY = ["--model", "vim_tiny", "--set", "depth=4", "--set", "embed_dim=16", "--img-size", "32",
         "--set", "patch_size=4", "--set", "stride=4", "--num-classes", "3"]
@@ -27,13 +25,9 @@ def test_flops_command_matches_count_flops(capsys):
 
 
 def test_bench_rows(capsys):
-    p = argparse.ArgumentParser()
-    add_model_args(p)
-    add_reduction_args(p)
-    add_bench_args(p)
-    args = p.parse_args([*TINY, "--ratios", "0,0.1", "--batch-size", "2", "--repeats", "2", "--json",
-                         "--method", "prune"])
-    assert run_bench(args) == 0
+    args = build_parser().parse_args(["bench", *TINY, "--ratios", "0,0.1", "--batch-size", "2", "--repeats", "2",
+                                      "--json", "--method", "prune"])
+    assert args.func(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["none", "prune"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["token_ratio"] == 0.0

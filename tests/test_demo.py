@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shlex
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +17,9 @@ from PIL import Image
 
 from vimerge import cli
 from vimerge.data.fashion_mnist import DEFAULT_ROOT, is_fashion_mnist_dir
-from vimerge.demo import (
-    FULL,
-    QUICK,
-    _compare,
-    _verdict,
-    claims,
-    plan_rows,
-    resolve_base,
-)
+from vimerge.demo import FULL, QUICK, claims, plan_rows, resolve_base
+from vimerge.demo.report import _compare, _verdict
+from vimerge.reduce import format_spec, parse_spec
 from vimerge.reduce.stm import STM, settings_for_mean_ratio
 
 HAVE_FMNIST = is_fashion_mnist_dir(DEFAULT_ROOT)
@@ -55,7 +52,7 @@ def test_stm_settings_match_rmeeto_token_counts():
     # 50 tokens, 8 blocks, reduction from block 1: removing 2 per side per block for 7 blocks
     # takes 28 tokens (ratio 0.56); counts 50, 46, ..., 22, mean 36 -> 1 - 36/50 = 0.28.
     opts = settings_for_mean_ratio(0.28, 50, 8)
-    assert opts == {"ratio": 0.56, "per_side": 2}
+    assert opts == {"final_ratio": 0.56, "per_side": 2}
     assert STM(**opts).token_counts(50, 8) == [50, 46, 42, 38, 34, 30, 26, 22]
     for target in (0.14, 0.42, 0.525):
         got = STM(**settings_for_mean_ratio(target, 50, 8)).reduction_ratio(50, 8)
@@ -68,14 +65,31 @@ def test_full_plan_rows():
     rows = plan_rows(FULL, 50, 8)
     keys = [r.key for r in rows]
     assert len(keys) == len(set(keys)) == 1 + 2 * 4 + 2 + 2 * (4 + 4) + 2
+    spec = {r.key: parse_spec(r.reduce) for r in rows}
+    for r in rows:     # every row is one canonical reduction spec
+        assert format_spec(*spec[r.key]) == r.reduce
     # interval 1: ratio = 1 - (50 + sum_k (50 - k r)) / 400 = 0.07 r, so r = 2, 4, 6 hit 0.14, 0.28,
     # 0.42 exactly; 0.54 lies between r = 8 (0.525, capped at the end) and r = 9 (0.56): 8 is nearer.
-    r_of = {r.target: r.reduction_args[r.reduction_args.index("--r") + 1] for r in rows if r.family == "rmeeto"}
-    assert r_of == {0.14: "2", 0.28: "4", 0.42: "6", 0.54: "8"}
-    assert "--shuffle" in next(r for r in rows if r.key == "rmeeto-shuffled@0.28").reduction_args
-    assert "--no-hsp" in next(r for r in rows if r.key == "stm-bnnm@own0.3").reduction_args
+    r_of = {r.target: spec[r.key][1]["r"] for r in rows if r.family == "rmeeto"}
+    assert r_of == {0.14: 2, 0.28: 4, 0.42: 6, 0.54: 8}
+    assert spec["baseline"][0] == "none"
+    assert spec["rmeeto@0.28"] == ("rmeeto", {"r": 4, "interval": 1})
+    assert spec["prune@0.28"] == ("prune", {"r": 4, "interval": 1})
+    assert spec["rmeeto-shuffled@0.28"] == ("rmeeto", {"r": 4, "interval": 1, "ordered": False})
+    # STM at R-MeeTo's token counts (ratio 0.28: 2 per side per block, 28 of 50 gone at the end)
+    assert spec["stm-hsp@0.28"] == ("stm", {"final_ratio": 0.56, "per_side": 2})
+    assert spec["stm-bnnm@0.28"] == ("stm", {"final_ratio": 0.56, "per_side": 2, "hsp": False})
+    assert spec["stm-hsp@own0.3"] == ("stm", {"final_ratio": 0.3})       # STM's own settings
+    assert spec["stm-bnnm@own0.3"] == ("stm", {"final_ratio": 0.3, "hsp": False})
     assert [r.key for r in rows if r.retrain] == ["rmeeto-retrained@0.28", "rmeeto-retrained@0.54"]
+    assert spec["rmeeto-retrained@0.54"] == spec["rmeeto@0.54"]
     assert len(plan_rows(QUICK, 50, 8)) == 1 + 2 * 2 + 1 + 2 * (2 + 2) + 2
+
+
+def test_demo_does_not_import_the_command_line():
+    code = ("import sys, vimerge.demo; bad = [m for m in sys.modules if m.startswith('vimerge.cli')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _row(key: str, correct: np.ndarray, **extra) -> dict:
@@ -126,9 +140,9 @@ def test_claim_verdicts():
 
 
 def test_base_is_trained_into_the_cache_when_nothing_is_shipped(tmp_path, monkeypatch):
-    import vimerge.models.registry as registry
+    from vimerge.models import get_preset
     data = fake_fashion(tmp_path / "fm", n_train=256, n_test=40)
-    monkeypatch.setattr(registry, "FMNIST_WEIGHTS", str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(get_preset("vim_fmnist"), "pretrained", str(tmp_path / "absent.pth"))
     monkeypatch.setenv("VIMERGE_CACHE", str(tmp_path / "cache"))
     base = resolve_base(None, str(data), progress=False)
     assert base.source == "trained"
@@ -140,11 +154,11 @@ def test_base_is_trained_into_the_cache_when_nothing_is_shipped(tmp_path, monkey
 
 
 def test_train_command_defaults_are_the_base_recipe():
-    from vimerge.train.options import config_from_args
+    from vimerge.cli.retrain import config_from_args
     from vimerge.train.recipe import BASE_RECIPE
     args = cli.build_parser().parse_args(["train", "--model", "vim_fmnist", "--data", "D", "-o", "R"])
     config = config_from_args(args).to_dict()
-    assert {k: config[k] for k in BASE_RECIPE} == {**BASE_RECIPE, "reduction": {}}
+    assert {k: config[k] for k in BASE_RECIPE} == {**BASE_RECIPE, "reduce": "none"}
     retrain = config_from_args(cli.build_parser().parse_args(["retrain", "--data", "D", "-o", "R"]))
     assert (retrain.lr, retrain.augment) == (2e-5, "light")    # retrain keeps the paper's recipe
 
@@ -165,7 +179,7 @@ def test_missing_data_and_bad_checkpoint_name_the_fix(tmp_path, capsys):
 
 
 def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
-    import vimerge.demo as demo
+    import vimerge.demo.run as demo
     data = str(fake_fashion(tmp_path / "fm", n_train=128, n_test=64))
     argv = ["demo", "--quick", "--data", data, "-o", str(tmp_path / "d"), "--limit", "64",
             "--retrain-images", "64", "--no-progress"]
@@ -242,8 +256,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     # one training-free row and one re-trained row, re-evaluated with `vimerge eval`
     for key in ("stm-hsp@0.54", "rmeeto-retrained@0.54"):
-        command = rows[key]["eval_command"].split()
+        command = shlex.split(rows[key]["eval_command"])
         assert command[:2] == ["vimerge", "eval"]
+        assert command[command.index("--reduce") + 1] == rows[key]["reduce"]
         target = tmp_path / f"{key}.json"
         assert cli.main(command[1:] + ["--no-progress", "--json", "--output", str(target)]) == 0
         again = json.loads(target.read_text())

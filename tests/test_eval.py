@@ -14,7 +14,8 @@ from PIL import Image
 import vimerge
 from vimerge.cli import main
 from vimerge.data import EvalTransform, ImageFolder, make_loader
-from vimerge.measure.evaluate import evaluate, parse_sweep
+from vimerge.cli.common import parse_sweep
+from vimerge.measure.evaluate import evaluate
 
 ARCH = dict(img_size=28, patch_size=7, stride=7, depth=4, embed_dim=16, num_classes=10)
 ARCH_SET = ["--img-size", "28", "--num-classes", "10", "--set", "patch_size=7", "--set", "stride=7",
@@ -173,12 +174,12 @@ def test_sweep_rows_match_single_runs(capsys, tmp_path, grey_ckpt, fashion):
     assert main(["eval", *base, "--sweep", "none; rmeeto:0.2", "--output", str(output)]) == 0
     table = capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(lines) == 3 and lines[1].startswith("| none ") and lines[2].startswith("| rmeeto | 0.2 ")
+    assert len(lines) == 3 and lines[1].startswith("| `none` ") and lines[2].startswith("| `rmeeto:ratio=0.2` ")
     rows = json.loads(output.read_text())["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("none", None), ("rmeeto", 0.2)]
     singles = [_cli_json(capsys, base), _cli_json(capsys, [*base, "--method", "rmeeto", "--ratio", "0.2"])]
     for row, single in zip(rows, singles):
-        for key in ("method", "ratio", "top1", "top5", "loss", "images", "gflops_paper", "gflops_full",
+        for key in ("reduce", "method", "ratio", "top1", "top5", "loss", "images", "gflops_paper", "gflops_full",
                     "reduction_ratio", "token_counts"):
             assert row[key] == single[key], key
     assert rows[0]["reduction_ratio"] == 0 and rows[1]["reduction_ratio"] > 0.15
@@ -186,12 +187,20 @@ def test_sweep_rows_match_single_runs(capsys, tmp_path, grey_ckpt, fashion):
 
 
 def test_parse_sweep():
+    # the ratio shorthand: one row per number
     assert parse_sweep("none;rmeeto:0.14,0.28;prune:0.28") == [
-        ("none", None), ("rmeeto", 0.14), ("rmeeto", 0.28), ("prune", 0.28)]
-    for bad, message in (("magic:0.1", "unknown method"), ("rmeeto", "give the ratios"),
-                         ("rmeeto:1.5", "not in"), ("none:0.1", "no ratios"), (";", "no rows")):
+        "none", "rmeeto:ratio=0.14", "rmeeto:ratio=0.28", "prune:ratio=0.28"]
+    # full specs, brackets kept together, shorthand flags applied where the method takes them
+    assert parse_sweep("rmeeto:r=[0,2,2,2],interval=1;stm:ratio=0.2", {"distance": "l1", "hsp": False}) == [
+        "rmeeto:r=[0,2,2,2],interval=1,distance=l1", "stm:ratio=0.2,hsp=false"]
+    assert parse_sweep("rmeeto") == ["rmeeto"]                    # a spec with default options (r=0)
+    for bad, flags, message in (("magic:0.1", {}, "unknown reduction method 'magic'"),
+                                ("rmeeto:1.5", {}, "not in"), ("none:0.1", {}, "no ratios"), (";", {}, "no rows"),
+                                ("rmeeto:per_side=2", {}, "rmeeto has no option 'per_side'"),
+                                ("rmeeto:0.2", {"per_side": 2}, "--per-side is an option of no row"),
+                                ("stm:ratio=0.2,final_ratio=0.2", {}, "not both")):
         with pytest.raises(ValueError, match=message):
-            parse_sweep(bad)
+            parse_sweep(bad, flags)
 
 
 def test_cli_errors(capsys, grey_ckpt, tmp_path):
@@ -201,7 +210,7 @@ def test_cli_errors(capsys, grey_ckpt, tmp_path):
     assert main(base) == 2
     assert "--data DIR" in capsys.readouterr().err
     assert main([*base, "--data", str(tmp_path), "--sweep", "bogus:0.1"]) == 2
-    assert "unknown method 'bogus'" in capsys.readouterr().err
+    assert "unknown reduction method 'bogus'" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([*base, "--data", str(tmp_path / "empty")]) == 2
     assert "is empty" in capsys.readouterr().err

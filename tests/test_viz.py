@@ -62,5 +62,6 @@ def test_visualize_command(tmp_path, capsys):
     assert "49 patches -> 44 tokens" in capsys.readouterr().out
     sheet = Image.open(out)
     assert sheet.size == (2 * (168 + 6) + 6, 2 * (168 + 6) + 6 + 14)
-    with pytest.raises(SystemExit, match="cannot read image"):
-        main(base + ["--image", str(tmp_path / "missing.png")])
+    assert main(base + ["--image", str(tmp_path / "missing.png")]) == 2      # one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("vimerge visualize: error: cannot read image") and "missing.png" in err

@@ -1,0 +1,238 @@
+"""What every ``vimerge`` command shares: the model options, the token-reduction options (built
+from the registered methods' fields, so a new method's options appear without an edit here),
+and :func:`build_model`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+
+from vimerge.models import create_model, get_preset
+from vimerge.reduce import METHODS, NONE, apply, build, format_spec, list_methods, options_of, parse_spec
+from vimerge.reduce.registry import parse_value
+
+OPTION_PREFIX = "opt_"          # argparse dest of a method option's shorthand flag
+EXTRA_FLAGS = {"r": ("--reduce-r",)}   # --r is ambiguous under torchrun's parser: offer a long spelling
+
+
+class CommandError(ValueError):
+    """A usage mistake the command line reports in one line (exit 2)."""
+
+
+def fail(command: str, message: str) -> int:
+    """Print ``vimerge COMMAND: error: MESSAGE`` on stderr; returns the exit status 2."""
+    print(f"vimerge {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --checkpoint / architecture overrides."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vim_tiny", help="registered model name (see `vimerge info`; default: vim_tiny)")
+    g.add_argument("--checkpoint", help="weights: official .pth, plain state dict, .safetensors or hf://")
+    g.add_argument("--pretrained", action="store_true",
+                   help="load the preset's published weights (shipped for vim_fmnist; hub for the ImageNet Vims)")
+    g.add_argument("--num-classes", type=int, default=None, help="head size (default: the preset's)")
+    g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
+    g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other constructor argument, e.g. --set depth=8 --set embed_dim=96")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor arguments of ``--set KEY=VALUE`` (plus --num-classes / --img-size)."""
+    kwargs: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise CommandError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        kwargs[key.strip()] = parse_value(value)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    return kwargs
+
+
+def build_model(args: argparse.Namespace, spec: str | None = None) -> torch.nn.Module:
+    """The model the arguments describe, with its reduction applied (``spec``, default the
+    arguments' reduction), in eval mode."""
+    get_preset(args.model)   # an unknown name fails here, listing the known ones
+    model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         scan_backend=args.scan_backend, **model_overrides(args))
+    apply(model, reduction_spec(args) if spec is None else spec)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ reduction
+
+
+def _caster(f: dataclasses.Field):
+    """argparse type of a method option, from its annotation (``int | list[int]`` takes 4 or 0,4,4)."""
+    kind = str(f.type)
+    flag = "--" + f.name.replace("_", "-")
+
+    def cast(text: str):
+        if "list" in kind:
+            try:
+                values = [int(v) for v in text.split(",")]
+            except ValueError:
+                hint = "; for a reduction ratio use --ratio" if f.name == "r" else ""
+                raise argparse.ArgumentTypeError(f"{flag} takes an integer or a comma list of integers, "
+                                                 f"got {text!r}{hint}") from None
+            return values[0] if len(values) == 1 else values
+        for name, typ in (("int", int), ("float", float)):
+            if kind.startswith(name):
+                try:
+                    return typ(text)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"{flag} takes a number ({name}), got {text!r}") from None
+        return text
+    return cast
+
+
+def _flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_reduction_args(p: argparse.ArgumentParser) -> None:
+    """``--reduce SPEC``, ``--method`` and a shorthand flag per option of every registered method."""
+    g = p.add_argument_group("token reduction")
+    g.add_argument("--reduce", metavar="SPEC",
+                   help='the reduction as one string, e.g. "rmeeto:r=11,interval=2", "prune:ratio=0.28", '
+                        '"stm:ratio=0.28,hsp=false" or "none"; the flags below are shorthands for its options')
+    g.add_argument("--method", choices=[NONE, *list_methods()], default=None,
+                   help="reduction method (default: rmeeto when --r or --ratio is given, else none)")
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for method in list_methods():
+        for f in options_of(method):
+            if f.metadata.get("cli", True):
+                owners.setdefault(f.name, []).append(method)
+                fields.setdefault(f.name, f)
+    for name, f in fields.items():
+        meta = f.metadata
+        methods = owners[name]
+        who = "" if len(methods) == len(METHODS) else f" [{', '.join(methods)}]"
+        kwargs: dict[str, Any] = dict(dest=OPTION_PREFIX + name, default=None,
+                                      help=(meta.get("help", "") + who).replace("%", "%%"))
+        action = meta.get("action") or ("store_true" if f.default is False else None)
+        if action:
+            kwargs["action"] = action
+        else:
+            kwargs["type"] = _caster(f)
+            kwargs["metavar"] = f.name.upper()
+            if meta.get("choices"):
+                kwargs["choices"] = list(meta["choices"])
+        g.add_argument(_flag_of(f), *EXTRA_FLAGS.get(name, ()), **kwargs)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given as shorthand flags."""
+    return {k[len(OPTION_PREFIX):]: v for k, v in vars(args).items()
+            if k.startswith(OPTION_PREFIX) and v is not None}
+
+
+def _flag_names(options: dict[str, Any]) -> str:
+    flags = {f.name: _flag_of(f) for m in list_methods() for f in options_of(m)}
+    return ", ".join(flags.get(k, k) for k in options)
+
+
+def merge_options(name: str, options: dict[str, Any], flags: dict[str, Any], *, strict: bool = True) -> str:
+    """The spec of method ``name`` with ``options`` and the shorthand ``flags`` (flags win).
+
+    With ``strict``, a flag the method does not take is an error (an accepted option must act).
+    """
+    if name == NONE:
+        if flags and strict:
+            raise CommandError(f"{_flag_names(flags)} given without a reduction method: add --method or --reduce")
+        return NONE
+    known = {f.name for f in options_of(name)}
+    foreign = {k: v for k, v in flags.items() if k not in known}
+    if foreign and strict:
+        raise CommandError(f"{_flag_names(foreign)} is not an option of {name} (its options: "
+                           f"{', '.join(sorted(known))})")
+    merged = {**options, **{k: v for k, v in flags.items() if k in known}}
+    if "r" in flags and "ratio" in options:
+        merged.pop("ratio")
+    if "ratio" in flags and "r" in options:
+        merged.pop("r")
+    return format_spec(name, merged)
+
+
+def reduction_spec(args: argparse.Namespace) -> str:
+    """The reduction the arguments describe, as a spec string (validated)."""
+    flags = given_options(args)
+    spec = getattr(args, "reduce", None)
+    method = getattr(args, "method", None)
+    if spec is not None and method is not None:
+        raise CommandError("give the reduction with --reduce SPEC or with --method, not both")
+    if spec is not None:
+        name, options = parse_spec(spec)
+    else:
+        name = method or ("rmeeto" if ("r" in flags or "ratio" in flags) else NONE)
+        options = {}
+    result = merge_options(name, options, flags)
+    apply_check(result)
+    return result
+
+
+def apply_check(spec: str) -> None:
+    """Build the reducer once so that a bad option fails before any work starts."""
+    build(spec)
+
+
+def parse_sweep(text: str, flags: dict[str, Any] | None = None) -> list[str]:
+    """``--sweep``: specs separated by ";" -> one spec per row.
+
+    ``"none;rmeeto:r=4,interval=1;stm:ratio=0.28"``; the shorthand ``"rmeeto:0.14,0.28"``
+    (bare numbers) gives one row per mean-token ratio. ``flags`` (the shorthand flags given
+    beside ``--sweep``) apply to every row whose method takes them; a flag no row takes is an
+    error.
+    """
+    flags = flags or {}
+    rows: list[str] = []
+    used: set[str] = set()
+    parts = [p.strip() for p in text.split(";") if p.strip()]
+    if not parts:
+        raise CommandError(f"--sweep: no rows in {text!r}; e.g. \"none;rmeeto:ratio=0.14;stm:ratio=0.28\"")
+    for part in parts:
+        name, _, rest = part.partition(":")
+        name = name.strip()
+        items = [v.strip() for v in rest.split(",")] if rest.strip() else []
+        if items and all(_is_number(v) for v in items):
+            if name == NONE:
+                raise CommandError(f"--sweep: 'none' takes no ratios, got {part!r}")
+            if name not in METHODS:
+                parse_spec(name)   # raises: unknown method, listing the known ones
+            variants = [(name, {"ratio": float(v)}) for v in items]
+        else:
+            variants = [parse_spec(part)]
+        for method, options in variants:
+            ratio = options.get("ratio")
+            if ratio is not None and not 0.0 <= ratio < 1.0:
+                raise CommandError(f"--sweep: ratio {ratio} of {method!r} is not in [0, 1)")
+            known = {f.name for f in options_of(method)} if method != NONE else set()
+            used |= known & set(flags)
+            rows.append(merge_options(method, options, flags, strict=False))
+    unused = {k: v for k, v in flags.items() if k not in used}
+    if unused:
+        raise CommandError(f"--sweep: {_flag_names(unused)} is an option of no row's method")
+    for spec in rows:
+        apply_check(spec)
+    return rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,64 @@
+"""``vimerge demo``: the whole token-reduction study on Fashion-MNIST (see :mod:`vimerge.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from vimerge.data import DatasetError
+from vimerge.data.fashion_mnist import DEFAULT_ROOT
+from vimerge.demo import FULL, QUICK, run_demo, summary
+from vimerge.models.checkpoint import CheckpointError
+
+HELP = ("the whole token-reduction study on Fashion-MNIST: accuracy, FLOPs and speed of pruning, "
+        "R-MeeTo, STM and re-training, with report and plots")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR", help="directory with the four Fashion-MNIST IDX files "
+                   f"(default: {DEFAULT_ROOT}, Debian's dataset-fashion-mnist)")
+    p.add_argument("--output", "-o", default="vimerge-demo", metavar="DIR",
+                   help="where results.json, report.md and the PNGs go (default: vimerge-demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="1,000 test images, ratios 0.28 and 0.54, a shorter re-training (under 2 min)")
+    p.add_argument("--checkpoint", help="base vim_fmnist weights (default: the shipped ones)")
+    p.add_argument("--train-base", action="store_true",
+                   help="train the base model from scratch (vimerge train's recipe, about 25 min on 2 "
+                        "CPU cores) instead of using the shipped weights")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images")
+    p.add_argument("--retrain-images", type=int, default=None, metavar="N",
+                   help="training images per re-training run (default: 8000, quick 2000)")
+    p.add_argument("--fresh", action="store_true", help="recompute rows an interrupted run already finished")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 on success, 2 on missing data, a bad checkpoint or a bad option, 130 when interrupted."""
+    plan = QUICK if args.quick else FULL
+    if args.limit is not None:
+        if args.limit < 1:
+            print("vimerge demo: --limit must be >= 1", file=sys.stderr)
+            return 2
+        plan = replace(plan, test_images=args.limit)
+    if args.retrain_images is not None:
+        if args.retrain_images < plan.retrain_batch:
+            print(f"vimerge demo: --retrain-images must be at least one batch ({plan.retrain_batch})",
+                  file=sys.stderr)
+            return 2
+        plan = replace(plan, retrain_images=args.retrain_images)
+    try:
+        results = run_demo(data=args.data, output=args.output, quick=args.quick, checkpoint=args.checkpoint,
+                           train_base=args.train_base, plan=plan, fresh=args.fresh,
+                           progress=not args.no_progress)
+    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
+        print(f"vimerge demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nvimerge demo: interrupted; finished rows and re-training checkpoints are kept in "
+              f"{Path(args.output).expanduser()}: run the same command to continue", file=sys.stderr)
+        return 130
+    print(summary(results))
+    print(f"\nwrote {', '.join(results['files'])} to {Path(args.output).expanduser()}")
+    return 0

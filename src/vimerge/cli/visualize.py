@@ -1,0 +1,57 @@
+"""``vimerge visualize``: the merged token groups drawn on images (R-MeeTo appendix D.5)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vimerge.data.fashion_mnist import MEAN as FMNIST_MEAN
+from vimerge.data.fashion_mnist import STD as FMNIST_STD
+from vimerge.data.transforms import EvalTransform
+from vimerge.reduce import spec_of
+from vimerge.viz import draw_groups, figure, token_groups
+
+from .common import CommandError, build_model
+
+HELP = "draw the merged token groups on images (R-MeeTo App. D.5)"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", nargs="+", required=True, help="image file(s)")
+    p.add_argument("--out", default="merged_tokens.png", help="PNG to write")
+    p.add_argument("--cell", type=int, default=None, help="pixels per patch in the drawing "
+                   "(default: about 168 px per image side)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="centre-crop share (default 1.0 for images already at the model size, else 0.875)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = build_model(args)
+    channels, size = model.in_chans, model.img_size
+    fmnist_like = channels == 1 and size == (28, 28)
+    mean = args.mean if args.mean is not None else ((FMNIST_MEAN,) if fmnist_like else None)
+    std = args.std if args.std is not None else ((FMNIST_STD,) if fmnist_like else None)
+    crops, tensors = [], []
+    for path in args.image:
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CommandError(f"cannot read image {path!r} ({exc})") from exc
+        crop_pct = args.crop_pct if args.crop_pct else (1.0 if img.size == size[::-1] else 0.875)
+        transform = EvalTransform(size, channels=channels, mean=mean, std=std, crop_pct=crop_pct)
+        crops.append(transform.resize_and_crop(img))
+        tensors.append(transform(img))
+    groups = token_groups(model, torch.stack(tensors))
+    gh, gw = groups.shape[1:]
+    cell = args.cell or max(8, 168 // max(gh, gw))
+    rows = [[crop.convert("RGB").resize((gw * cell, gh * cell), Image.BICUBIC),
+             draw_groups(crop, g, cell=cell)] for crop, g in zip(crops, groups)]
+    n_final = int(groups[0].max()) + 1
+    figure(rows, ["image", f"{spec_of(model.reduction)}: {n_final} tokens"]).save(args.out)
+    print(f"wrote {args.out}: {len(rows)} image(s), {gh * gw} patches -> {n_final} tokens")
+    return 0

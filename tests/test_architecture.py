@@ -1,0 +1,274 @@
+"""The package's shape, enforced: layered imports without cycles, and contract tests driven by the
+registries (every model x every method x every scan backend), including a toy method added in
+one module (tests/toy_method.py) that works everywhere without an edit elsewhere."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import toy_method  # noqa: F401  (registers "keepfirst" the way a user's module would)
+import vimerge
+from conftest import write_fashion_idx
+from vimerge.cli import main
+from vimerge.models import list_models, model_defaults
+from vimerge.ops import available_backends
+from vimerge.reduce import list_methods, parse_spec, spec_of
+from vimerge.tokens import ratio_from_counts
+
+PACKAGE = Path(vimerge.__file__).resolve().parent
+
+# lowest first; a module may import its own layer or lower ones (models and reduce: not each other)
+LAYERS = {
+    "vimerge._version": 0, "vimerge.tokens": 0, "vimerge.ops": 0,
+    "vimerge.models": 1, "vimerge.reduce": 1,
+    "vimerge.data": 2, "vimerge.measure": 2, "vimerge.viz": 2,
+    "vimerge.train": 3,
+    "vimerge.demo": 4,
+    "vimerge": 5,                       # the package __init__: the public API
+    "vimerge.cli": 6, "vimerge.__main__": 6,
+}
+APART = ({"vimerge.models", "vimerge.reduce"},)
+
+
+def module_name(path: Path) -> str:
+    parts = ("vimerge",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, bool]]:
+    """(imported vimerge module, at function level) for every import in the file, except those
+    under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    found: list[tuple[str, bool]] = []
+
+    def resolve(node: ast.ImportFrom) -> str:
+        if node.level == 0:
+            return node.module or ""
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        return ".".join(base + ([node.module] if node.module else []))
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, ast.If) and _type_checking(node):
+            for child in node.orelse:
+                visit(child, in_function)
+            return
+        if isinstance(node, ast.Import):
+            found.extend((a.name, in_function) for a in node.names if a.name.split(".")[0] == "vimerge")
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(node)
+            if target.split(".")[0] == "vimerge":
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
+                found.extend((t, in_function) for t in (subs or [target]))
+                if subs and len(subs) < len(node.names):
+                    found.append((target, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def layer_of(name: str) -> tuple[str, int]:
+    best = max((k for k in LAYERS if name == k or name.startswith(k + ".")), key=len)
+    return best, LAYERS[best]
+
+
+def graph() -> dict[str, list[tuple[str, bool]]]:
+    mods = modules()
+    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_every_module_has_a_layer():
+    assert all(layer_of(name) for name in modules())
+
+
+def test_imports_point_down_and_nothing_imports_the_command_line():
+    upward = []
+    for src, targets in graph().items():
+        group_s, rank_s = layer_of(src)
+        for target, _ in targets:
+            group_t, rank_t = layer_of(target)
+            if rank_t > rank_s or any({group_s, group_t} == pair for pair in APART):
+                upward.append(f"{src} -> {target}")
+    assert upward == []
+
+
+def test_no_import_cycles():
+    edges = {src: {t for t, _ in targets if t != src} for src, targets in graph().items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def connect(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in list(edges):
+        if v not in index:
+            connect(v)
+    assert cycles == []
+
+
+def test_the_package_imports_its_own_modules_at_the_top():
+    lazy = [f"{src} -> {t}" for src, targets in graph().items() for t, inner in targets if inner]
+    assert lazy == []
+
+
+def test_the_graph_walker_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "vimerge"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "models" / "__init__.py").write_text("")
+    mod = pkg / "models" / "x.py"
+    mod.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..cli import main\n"
+                   "def f():\n    from ..reduce import apply\n    from . import y\n")
+    found = imports("vimerge.models.x", mod, {"vimerge.models.y"})
+    assert found == [("vimerge.reduce", True), ("vimerge.models.y", True)]
+
+
+# ------------------------------------------------------------------------------- contract tests
+
+METHOD_SPECS = {name: f"{name}:ratio=0.25" for name in list_methods()}
+
+
+def small(name: str) -> torch.nn.Module:
+    """A registered preset at reduced depth and resolution (an 8x8 patch grid, 6 blocks)."""
+    d = model_defaults(name)
+    return vimerge.create_model(name, depth=6, img_size=8 * d.get("patch_size", 16)).eval()
+
+
+def images_for(model, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, model.in_chans, *model.img_size)
+
+
+def mixer_lengths(model, x) -> list[int]:
+    seen = []
+    hooks = [b.mixer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in model.layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_contract(name, tmp_path):
+    model = small(name)
+    x = images_for(model)
+    with torch.no_grad():
+        out = model(x)
+        state = model.forward_tokens(x)
+    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+    assert model.num_tokens == model.grid_size[0] * model.grid_size[1] + 1 == state.num_tokens
+    assert mixer_lengths(model, x) == vimerge.token_counts(model) == [model.num_tokens] * model.depth
+    assert vimerge.count_flops(model) == model.flops([model.num_tokens] * model.depth)
+    path = vimerge.save_checkpoint(model, tmp_path / "w.pth")
+    d = model_defaults(name)
+    again = vimerge.create_model(name, depth=6, img_size=8 * d.get("patch_size", 16), checkpoint=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+@pytest.mark.parametrize("name", list_models())
+def test_method_contract(name, method):
+    model = small(name)
+    x = images_for(model)
+    with torch.no_grad():
+        before = model(x)
+    reducer = vimerge.apply(model, METHOD_SPECS[method])
+    counts = vimerge.token_counts(model)
+    assert mixer_lengths(model, x) == counts                        # what the mixers really see
+    assert abs(ratio_from_counts(counts, model.num_tokens) - 0.25) <= 0.03  # ratio: one meaning
+    # FLOPs: the backbone at these counts (additive over blocks) plus the method's own cost
+    own = reducer.flops(counts, model.num_tokens, model.embed_dim, "paper")
+    assert own >= 0
+    base = model.flops([])
+    blocks = sum(model.flops([c]) - base for c in counts)
+    assert vimerge.count_flops(model) == pytest.approx(base + blocks + own, rel=1e-12)
+    assert vimerge.count_flops(model) < model.flops([model.num_tokens] * model.depth)
+    # the spec round-trips, and a reducer built from it gives the same outputs
+    assert parse_spec(spec_of(reducer))[0] == method
+    with torch.no_grad():
+        reduced = model(x)
+        vimerge.apply(model, spec_of(reducer))
+        assert torch.equal(model(x), reduced)
+        vimerge.remove(model)
+        assert torch.equal(model(x), before)                        # remove restores bit for bit
+    # gradients reach every parameter through the reduced model
+    model.train()
+    vimerge.apply(model, METHOD_SPECS[method])
+    model(x).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "reference"])
+def test_scan_backends_run_the_model_like_the_reference(backend, tiny_model):
+    model = tiny_model(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    vimerge.apply(model, "rmeeto:r=8")
+    with torch.no_grad():
+        model.scan_backend = "reference"
+        ref = model(x)
+        model.scan_backend = backend
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the toy method
+
+
+def test_a_method_in_one_module_works_everywhere(tiny_model, tmp_path, capsys):
+    assert "keepfirst" in vimerge.list_methods()
+    model = tiny_model()                                   # 65 tokens, class token at 32, 6 blocks
+    reducer = vimerge.apply(model, "keepfirst:k=10")
+    assert vimerge.token_counts(model) == [65] + [11] * 5
+    assert mixer_lengths(model, torch.randn(1, 3, 32, 32)) == [65] + [11] * 5
+    assert vimerge.count_flops(model) == model.flops([65] + [11] * 5)
+    assert spec_of(reducer) == "keepfirst:k=10" and parse_spec("keepfirst:ratio=0.5") == ("keepfirst", {"ratio": 0.5})
+    vimerge.apply(model, "keepfirst", ratio=0.5)          # 1 - (65 + 5 (k + 1)) / 390 = 0.5 -> k = 25
+    assert vimerge.token_counts(model) == [65] + [26] * 5
+    # the command line knows it without an edit: --reduce, --sweep and its own shorthand flag --k
+    ckpt = vimerge.save_checkpoint(vimerge.create_model("vim_fmnist", depth=2, embed_dim=16), tmp_path / "m.pth")
+    write_fashion_idx(tmp_path, 12)
+    common = ["eval", "--model", "vim_fmnist", "--set", "depth=2", "--set", "embed_dim=16", "--checkpoint",
+              str(ckpt), "--data", str(tmp_path), "--no-progress", "--json"]
+    # vim_fmnist: 50 tokens, class token at 24; two blocks: 1 - (50 + kept) / 100 = 0.25 -> 25 kept (k = 24)
+    assert main([*common, "--reduce", "keepfirst:ratio=0.25"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["reduce"] == "keepfirst:ratio=0.25" and row["token_counts"] == [50, 25]
+    assert row["images"] == 12 and row["reduction_ratio"] == pytest.approx(0.25)
+    assert main([*common, "--method", "keepfirst", "--k", "9"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_counts"] == [50, 10]
+    assert main([*common, "--sweep", "none;keepfirst:k=3"]) == 0
+    assert [r["token_counts"] for r in json.loads(capsys.readouterr().out)["rows"]] == [[50, 50], [50, 4]]

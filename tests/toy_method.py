@@ -1,0 +1,53 @@
+"""A toy reduction method written the way a user adds one: this module and nothing else.
+
+"keepfirst" keeps the first ``k`` tokens (and the class token) from block 1 on and drops the
+rest; ``ratio`` (the mean-token ratio, as for every method) picks the ``k`` nearest it.
+Imported by tests/test_architecture.py, which runs it through apply, token_counts,
+count_flops, the spec parser and ``vimerge eval --reduce``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vimerge.reduce import option, register_method
+from vimerge.tokens import MergePlan, merge_state, ratio_from_counts
+
+
+@register_method("keepfirst")
+@dataclass
+class KeepFirst:
+    k: int | None = option(None, "toy: tokens kept from block 1 on (the class token too)")
+    ratio: float | None = option(None, "mean-token reduction ratio")
+
+    def _k(self, num_tokens: int, depth: int, cls_index: int) -> int:
+        if self.k is not None:
+            return self.k
+        return min(range(1, num_tokens + 1),
+                   key=lambda k: abs(ratio_from_counts(self._counts(k, num_tokens, depth, cls_index), num_tokens)
+                                     - self.ratio))
+
+    @staticmethod
+    def _counts(k: int, num_tokens: int, depth: int, cls_index: int) -> list[int]:
+        kept = min(k, num_tokens) + (1 if cls_index >= k else 0)
+        return [num_tokens] + [kept] * (depth - 1)
+
+    def token_counts(self, num_tokens, depth, cls_index=None):
+        cls_index = (num_tokens - 1) // 2 if cls_index is None else cls_index
+        return self._counts(self._k(num_tokens, depth, cls_index), num_tokens, depth, cls_index)
+
+    def flops(self, counts, num_tokens, width, convention="paper"):
+        return 0.0           # dropping tokens computes nothing
+
+    def prepare(self, model, num_tokens):
+        self._keep = self._k(num_tokens, model.depth, model.cls_index)
+
+    def reduce(self, state, model):
+        if state.layer != 1:
+            return state
+        n, c = state.num_tokens, state.cls_index
+        keep = [i for i in range(n) if i < self._keep or i == c]
+        slot = torch.full((n,), -1, dtype=torch.long)
+        slot[keep] = torch.arange(len(keep))
+        plan = MergePlan(slot.expand(state.hidden.shape[0], n).to(state.hidden.device), len(keep), keep.index(c))
+        return merge_state(state, plan)
