@@ -24,7 +24,7 @@ PACKAGE = Path(vimerge.__file__).resolve().parent
 LAYERS = {
     "vimerge._version": 0, "vimerge.tokens": 0, "vimerge.ops": 0,
     "vimerge.models": 1, "vimerge.reduce": 1,
-    "vimerge.data": 2, "vimerge.measure": 2, "vimerge.viz": 2,
+    "vimerge.data": 2, "vimerge.measure": 2, "vimerge.viz": 2, "vimerge.factory": 2,
     "vimerge.train": 3,
     "vimerge.demo": 4,
     "vimerge": 5,                       # the package __init__: the public API

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import vimerge
+from conftest import TINY_VIM
 from vimerge.tokens import MergePlan, TokenState, ratio_from_counts
 from vimerge.reduce.stm import (
+    bnnm_counts,
     STM,
     bnnm_schedule,
     direction_weights,
@@ -21,8 +23,8 @@ from vimerge.reduce.stm import (
 
 
 def tiny(**kw):
-    opts = dict(depth=6, img_size=32, patch_size=4, stride=4, embed_dim=32, num_classes=5)
-    return vimerge.create_model("vim_tiny", **{**opts, **kw})
+    """The shared tiny Vim of conftest.py (65 tokens, 6 blocks) in train mode."""
+    return vimerge.create_model("vim_tiny", **{**TINY_VIM, **kw})
 
 
 def fake_model(depth, cls_index):
@@ -373,3 +375,33 @@ def test_records_are_requested_only_before_reducing_blocks():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert not any(b.mixer.record for b in model.layers)
+
+
+# ------------------------------------------------------------------ ratio: the mean-token ratio
+def test_counts_without_building_the_schedule_equal_the_schedule():
+    for n, depth, cls in ((65, 6, None), (50, 8, None), (197, 24, None), (50, 8, 0), (51, 8, 10)):
+        for final in (0.0, 0.1, 0.2, 0.3, 0.45):
+            for per_side in (1, 2, 3, 5):
+                try:
+                    steps = bnnm_schedule(n, depth, final, per_side, 1, cls)
+                except ValueError:
+                    with pytest.raises(ValueError):
+                        bnnm_counts(n, depth, final, per_side, 1, cls)
+                    continue
+                assert bnnm_counts(n, depth, final, per_side, 1, cls) == schedule_counts(steps, n)
+
+
+def test_ratio_is_the_mean_token_ratio_and_final_ratio_the_papers_setting():
+    # final_ratio 0.2 of 65 tokens = 13 gone by the end (blocks 1-4, 2 per side, 1 in the last)
+    paper = STM(final_ratio=0.2)
+    assert paper.token_counts(65, 6) == [65, 61, 57, 53, 52, 52]
+    # the same schedule asked for by its mean-token ratio, 1 - (65+61+57+53+52+52) / 390
+    mean = 1 - 340 / 390
+    assert STM(ratio=mean).token_counts(65, 6) == [65, 61, 57, 53, 52, 52]
+    # a ratio of 0.28 on Vim-Ti's 197 tokens x 24 blocks lands within 0.03, as for rmeeto/prune
+    for method in ("rmeeto", "prune", "stm"):
+        model = vimerge.create_model("vim_tiny")
+        vimerge.apply(model, method, ratio=0.28)
+        assert abs(ratio_from_counts(vimerge.token_counts(model), 197) - 0.28) < 0.03
+    with pytest.raises(ValueError, match="cannot reach"):
+        STM(ratio=0.9).token_counts(65, 6)

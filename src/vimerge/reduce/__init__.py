@@ -20,7 +20,7 @@ from ..tokens import Reducer, TokenModel, TokenState, ratio_from_counts
 from . import prune, rmeeto, stm  # noqa: F401  (each registers its method)
 from .prune import Prune
 from .registry import (METHODS, NONE, build, format_spec, list_methods, option, options_of, parse_spec,
-                       register_method, spec_of)
+                       register_method, spec_of, stored_spec)
 from .rmeeto import RMeeTo
 from .schedule import r_for_ratio, reduction_ratio
 from .stm import STM
@@ -76,5 +76,5 @@ def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
 
 
 __all__ = ["apply", "remove", "token_counts", "register_method", "option", "options_of", "list_methods",
-           "parse_spec", "format_spec", "spec_of", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
+           "parse_spec", "format_spec", "spec_of", "stored_spec", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
            "ratio_from_counts", "RMeeTo", "Prune", "STM", "TokenState", "Reducer"]

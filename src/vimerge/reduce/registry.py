@@ -196,6 +196,21 @@ def spec_of(reducer: Any) -> str:
     return format_spec(name, changed)
 
 
+def stored_spec(entry: Any) -> str:
+    """The spec of a reduction recorded with weights or in a configuration: a spec string, None
+    (``"none"``), or the ``{"method", "options"}`` dict written before specs existed, in which
+    STM's old ``ratio`` (the share of tokens gone after the last block) is today's
+    ``final_ratio``."""
+    if entry is None or isinstance(entry, str):
+        return format_spec(*parse_spec(entry)) if entry else NONE
+    if not isinstance(entry, dict):
+        raise ValueError(f"a recorded reduction is a spec string or a {{'method', 'options'}} dict, got {entry!r}")
+    method, options = entry.get("method") or NONE, dict(entry.get("options") or {})
+    if method == "stm" and "ratio" in options and "final_ratio" not in options:
+        options["final_ratio"] = options.pop("ratio")
+    return format_spec(method, options)
+
+
 def build(method: str, **options: Any):
     """A reducer of a registered method (``None`` for "none"); errors name the bad option."""
     if method == NONE:
