@@ -79,7 +79,9 @@ def test_nested_keys_preference(source, tmp_path):
     torch.save({"model_ema": ema, "model": sd}, tmp_path / "both.pth")
     torch.save({"model_ema": ema, "epoch": 3}, tmp_path / "ema.pth")
     torch.save({"state_dict": sd}, tmp_path / "sd.pth")
-    assert torch.equal(read_state_dict(tmp_path / "both.pth")["pos_embed"], sd["pos_embed"])
+    with pytest.warns(UserWarning, match=r"online weights \('model'\) and EMA weights \('model_ema'\)"):
+        assert torch.equal(read_state_dict(tmp_path / "both.pth")["pos_embed"], sd["pos_embed"])
+    assert torch.equal(read_state_dict(tmp_path / "both.pth", ema=True)["pos_embed"], ema["pos_embed"])
     assert torch.equal(read_state_dict(tmp_path / "ema.pth")["pos_embed"], ema["pos_embed"])
     assert read_state_dict(tmp_path / "sd.pth").keys() == sd.keys()
 
@@ -173,7 +175,8 @@ def test_resample_constant_stays_constant():
 
 def test_load_into_higher_resolution(source, tmp_path):
     path = save_checkpoint(source, tmp_path / "ck32.pth")
-    big = create_model("vim_tiny", checkpoint=str(path), **{**TINY, "img_size": 48}).eval()
+    with pytest.warns(UserWarning, match=r"4x4 patch grid.*resampled.*6x6 grid \(img_size 48\)"):
+        big = create_model("vim_tiny", checkpoint=str(path), **{**TINY, "img_size": 48}).eval()
     assert big.pos_embed.shape == (1, 37, 192) and big.cls_index == 18
     assert torch.equal(big.pos_embed[0, 18], source.pos_embed[0, 8])
     assert_same_weights(source, big, skip={"pos_embed"})

@@ -24,6 +24,7 @@ from vimerge.data import (
     open_dataset,
     read_idx,
     resize_shorter,
+    split_dir,
     to_tensor,
 )
 from vimerge.data.fashion_mnist import DEFAULT_ROOT
@@ -277,3 +278,31 @@ def test_installed_package_labels():
     from vimerge.data.fashion_mnist import LABELS_MAGIC, find_file
     labels = read_idx(find_file(DEFAULT_ROOT, "t10k-labels-idx1-ubyte"), magic=LABELS_MAGIC)
     assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
+
+
+# --------------------------------------------------------------------------- dataset roots
+
+
+def test_split_dir_one_rule_for_a_dataset_root(tmp_path):
+    # a root holding train/ and val/: the splits, never two classes named "train" and "val"
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        _png(root / split / "cat" / "0.png")
+    assert split_dir(root, "train") == root / "train"
+    assert split_dir(root, "val") == root / "val"
+    assert split_dir(str(root), "test") == root / "val"           # a test split read from val/
+    # other spellings of the validation split
+    alt = tmp_path / "alt"
+    _png(alt / "training" / "cat" / "0.png")
+    _png(alt / "validation" / "cat" / "0.png")
+    assert (split_dir(alt, "train"), split_dir(alt, "val")) == (alt / "training", alt / "validation")
+    # a root without split folders is one split: its sub-folders are the classes
+    flat = tmp_path / "flat"
+    _png(flat / "cat" / "0.png")
+    assert split_dir(flat, "val") == flat == split_dir(flat, "train")
+    # split folders without the one asked for: an error naming what is there, or None
+    only = tmp_path / "only"
+    _png(only / "train" / "cat" / "0.png")
+    with pytest.raises(DatasetError, match="train"):
+        split_dir(only, "val")
+    assert split_dir(only, "val", required=False) is None

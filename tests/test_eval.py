@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 import vimerge
+from vimerge.cli import eval as eval_cli
 from vimerge.cli import main
 from vimerge.data import EvalTransform, ImageFolder, make_loader
 from vimerge.cli.common import parse_sweep
 from vimerge.measure.evaluate import evaluate
+from vimerge.reduce import spec_of
 
 ARCH = dict(img_size=28, patch_size=7, stride=7, depth=4, embed_dim=16, num_classes=10)
 ARCH_SET = ["--img-size", "28", "--num-classes", "10", "--set", "patch_size=7", "--set", "stride=7",
@@ -203,14 +205,38 @@ def test_parse_sweep():
             parse_sweep(bad, flags)
 
 
-def test_cli_errors(capsys, grey_ckpt, tmp_path):
+def test_cli_errors(capsys, grey_ckpt, rgb_ckpt, tmp_path):
     base = ["eval", "--checkpoint", str(grey_ckpt), *ARCH_SET, "--set", "in_chans=1", *RUN]
     assert main([*base, "--dataset", "fashion-mnist", "--data", str(tmp_path / "none")]) == 2
     assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
-    assert main(base) == 2
+    rgb = ["eval", "--checkpoint", str(rgb_ckpt), *ARCH_SET, *RUN]
+    assert main(rgb) == 2           # no --data: the Fashion-MNIST default is for one-channel 28x28 models
     assert "--data DIR" in capsys.readouterr().err
     assert main([*base, "--data", str(tmp_path), "--sweep", "bogus:0.1"]) == 2
     assert "unknown reduction method 'bogus'" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([*base, "--data", str(tmp_path / "empty")]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_sweep_warms_up_every_row_before_the_first_timed_row(monkeypatch, capsys, grey_ckpt, fashion):
+    """The first row of a sweep is timed like the others: one untimed batch has gone through the
+    model with every row's reduction before any row is evaluated."""
+    events = []
+    real_build, real_evaluate = eval_cli.build_model, eval_cli.evaluate
+
+    def build(args, spec=None):
+        model = real_build(args, spec)
+        model.register_forward_pre_hook(lambda m, inputs: events.append(("forward", spec_of(m.reduction))))
+        return model
+
+    def timed(model, loader, **kwargs):
+        events.append(("evaluate", spec_of(model.reduction)))
+        return real_evaluate(model, loader, **kwargs)
+
+    monkeypatch.setattr(eval_cli, "build_model", build)
+    monkeypatch.setattr(eval_cli, "evaluate", timed)
+    assert main(["eval", "--checkpoint", str(grey_ckpt), *ARCH_SET, "--set", "in_chans=1", "--data",
+                 str(fashion[0]), "--limit", "16", *RUN, "--sweep", "none;rmeeto:0.2"]) == 0
+    first = events.index(("evaluate", "none"))
+    assert {("forward", "none"), ("forward", "rmeeto:ratio=0.2")} <= set(events[:first])

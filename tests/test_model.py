@@ -1,6 +1,7 @@
 """The Vim model: architecture against an independent functional forward, presets, knobs."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,6 +128,38 @@ def test_wrong_image_size_names_the_fix():
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
         create_model("vim_huge")
+
+
+def test_wrong_channel_count_names_the_channels_and_the_fix():
+    rgb = create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=8)
+    with pytest.raises(ValueError) as info:
+        rgb(torch.randn(2, 1, 32, 32))
+    msg = str(info.value)
+    assert "1-channel" in msg and "3 channels" in msg and "in_chans=1" in msg and "RGB" in msg
+    assert "img_size" not in msg                       # the size is right: do not suggest it
+    gray = create_model("vim_fmnist", depth=1)
+    with pytest.raises(ValueError) as info:
+        gray(torch.randn(2, 3, 28, 28))
+    msg = str(info.value)
+    assert "3-channel" in msg and "1 channel" in msg and "in_chans=3" in msg and "grayscale" in msg
+    assert "img_size" not in msg
+    with pytest.raises(ValueError, match=r"1-channel.*in_chans=1.*img_size=\(48, 48\)"):
+        rgb(torch.randn(2, 1, 48, 48))                 # both wrong: both named
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\).*got \(3, 32, 32\).*batch dimension"):
+        rgb(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("size,dropped", [(30, "6 pixel rows and 6 columns"), ((32, 30), "6 columns")])
+def test_img_size_not_covered_by_patches_warns(size, dropped):
+    with pytest.warns(UserWarning, match=f"border.*{dropped}.*img_size="):
+        model = create_model("vim_tiny", depth=1, img_size=size, patch_size=8, stride=8)
+    assert model.grid_size[1] == 3
+    with pytest.warns(UserWarning, match="last 1 pixel row"):
+        create_model("vim_tiny", depth=1, img_size=(29, 32), patch_size=4, stride=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # whole patches, overlapping ones too: silent
+        create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=4)
+        create_model("vim_fmnist", depth=1)
 
 
 def test_scan_backend_switch_gives_same_outputs():

@@ -1,7 +1,9 @@
 """vimerge: token reduction for Vision Mamba.
 
 Public API:
-    create_model, list_models, register_model      -- backbones by name (vimerge.models)
+    create_model                                   -- a model by name, with its weights and the reduction
+                                                      they were re-trained with (vimerge.factory)
+    list_models, register_model                    -- backbone presets (vimerge.models)
     load_checkpoint, save_checkpoint               -- official / plain / safetensors / hub weights
     apply, remove, token_counts                    -- token reduction (vimerge.reduce)
     parse_spec, format_spec, list_methods          -- reductions as one string ("rmeeto:r=11")
@@ -17,7 +19,8 @@ Public API:
 
 from ._version import __version__
 from .measure import count_flops
-from .models import CheckpointError, create_model, list_models, load_checkpoint, register_model, save_checkpoint
+from .factory import create_model
+from .models import CheckpointError, list_models, load_checkpoint, register_model, save_checkpoint
 from .ops import available_backends, selective_scan
 from .reduce import (apply, format_spec, list_methods, parse_spec, r_for_ratio, reduction_ratio, register_method,
                      remove, token_counts)

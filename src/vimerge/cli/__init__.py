@@ -1,6 +1,9 @@
 """The ``vimerge`` command line: one module per verb (``HELP``, ``add_args(parser)``,
 ``run(args) -> int``), the options they share in :mod:`.common`, and here the one place that
-turns the library's errors into a one-line message (exit 2) and Ctrl-C into exit 130.
+turns errors into a one-line message naming the problem and the fix (exit 2: usage mistakes,
+the library's errors, files that cannot be written), Ctrl-C into one line and exit 130, and a
+closed output pipe (``vimerge ... --json | head``) into a quiet exit 141. Every option's
+``--help`` shows its default.
 
 Nothing in the library imports this package.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -34,8 +38,33 @@ VERBS: dict[str, tuple[ModuleType, bool]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help names its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            default = action.default
+            if isinstance(default, (list, tuple)):
+                default = ",".join(map(str, default))
+            text += f" (default: {str(default).replace('%', '%%')})"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the fix (``--help``), exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vimerge",
         description="Token reduction for Vision Mamba: faster Vims, accuracy rebuilt in minutes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
@@ -53,21 +82,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:     # a usage error: one line printed, exit 2 (--help and --version exit as usual)
+        if exc.code in (0, None):
+            raise
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()      # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141              # 128 + SIGPIPE, as a shell reports a writer whose reader left
     except (CommandError, CheckpointError, DatasetError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"vimerge {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:      # a file or directory the command cannot read or write
+        if args.verbose:
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"vimerge {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\nvimerge {args.command}: interrupted", file=sys.stderr)
+        print(f"vimerge {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so that the exit flush stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # stdout without a file descriptor (tests)
+        pass
 
 
 __all__ = ["main", "build_parser", "build_model", "reduction_spec", "add_model_args", "add_reduction_args",

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from vimerge.models import create_model, get_preset
+from vimerge.factory import create_model
+from vimerge.models import get_preset, list_models
 from vimerge.reduce import METHODS, NONE, apply, build, format_spec, list_methods, options_of, parse_spec
 from vimerge.reduce.registry import parse_value
 
+DEFAULT_MODEL = "vim_tiny"      # --model when neither the flag nor the checkpoint names one
 OPTION_PREFIX = "opt_"          # argparse dest of a method option's shorthand flag
 EXTRA_FLAGS = {"r": ("--reduce-r",)}   # --r is ambiguous under torchrun's parser: offer a long spelling
 
@@ -29,13 +35,80 @@ def fail(command: str, message: str) -> int:
     return 2
 
 
+# ------------------------------------------------------------------------------------ shared types
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """A comma list of numbers (``--mean 0.485,0.456,0.406``; one value for grey images)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.5 or 0.485,0.456,0.406; "
+                                         f"got {text!r}") from None
+
+
+def device_arg(text: str) -> str:
+    """``--device``: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:N``...;
+    a CUDA device this machine does not have is refused with the fix."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: no CUDA device is usable here (torch {torch.__version__}, torch.cuda.is_available() "
+                f"is False); use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def writable_path(path: str | os.PathLike, flag: str, *, directory: bool = False) -> Path:
+    """Check before any work that ``path`` (a file, or a ``directory``) can be written: its nearest
+    existing ancestor is a writable directory (missing parents are created later). Returns the
+    path; :class:`CommandError` naming ``flag`` and the fix otherwise."""
+    out = Path(path).expanduser()
+    if out.exists() and out.is_dir() != directory:
+        kind = "a directory" if out.is_dir() else "a file"
+        raise CommandError(f"{flag} {path}: is {kind}; give {'a directory' if directory else 'a file name'}")
+    parent = out if directory else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        where = out if out.exists() else parent
+        raise CommandError(f"{flag} {path}: {where} is not writable; choose another {flag} "
+                           f"(or fix its permissions)")
+    return out
+
+
+def model_name(text: str) -> str:
+    """``--model``: a registered name or alias; an unknown one is refused with the closest names."""
+    try:
+        get_preset(text)
+    except ValueError:
+        names = list_models()
+        close = difflib.get_close_matches(text.replace("-", "_").lower(), names, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}{hint} (registered: {', '.join(names)}; "
+                                         f"see vimerge info)") from None
+    return text
+
+
 # ------------------------------------------------------------------------------------ model
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model / --checkpoint / architecture overrides."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vim_tiny", help="registered model name (see `vimerge info`; default: vim_tiny)")
+    g.add_argument("--model", type=model_name, default=None,
+                   help="registered model name (see `vimerge info`; default: the model the checkpoint "
+                        "records (weights written by vimerge retrain/train), else vim_tiny)")
     g.add_argument("--checkpoint", help="weights: official .pth, plain state dict, .safetensors or hf://")
     g.add_argument("--pretrained", action="store_true",
                    help="load the preset's published weights (shipped for vim_fmnist; hub for the ImageNet Vims)")
@@ -43,17 +116,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
     g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other constructor argument, e.g. --set depth=8 --set embed_dim=96")
+                   help="any other constructor argument, e.g. --set depth=8 --set embed_dim=96 "
+                        "(default: the preset's; `vimerge info` lists them)")
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The constructor arguments of ``--set KEY=VALUE`` (plus --num-classes / --img-size)."""
     kwargs: dict[str, Any] = {}
+    accepted = constructor_keys(args.model or DEFAULT_MODEL)
     for item in args.set:
         if "=" not in item:
             raise CommandError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        kwargs[key.strip()] = parse_value(value)
+        key = key.strip()
+        if accepted is not None and key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise CommandError(f"--set {key}: {args.model or DEFAULT_MODEL} takes no argument {key!r}{hint}; its keys: "
+                               f"{', '.join(sorted(accepted))}")
+        kwargs[key] = parse_value(value)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     if args.img_size is not None:
@@ -61,13 +142,27 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def constructor_keys(model: str) -> set[str] | None:
+    """The keyword arguments the builder of ``model`` takes (None: any, it has ``**kwargs``)."""
+    params = inspect.signature(get_preset(model).builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
 def build_model(args: argparse.Namespace, spec: str | None = None) -> torch.nn.Module:
-    """The model the arguments describe, with its reduction applied (``spec``, default the
-    arguments' reduction), in eval mode."""
-    get_preset(args.model)   # an unknown name fails here, listing the known ones
+    """The model the arguments describe, in eval mode, with the reduction ``spec`` (default: the
+    arguments' reduction; when they give none, the one the checkpoint was re-trained with).
+
+    ``--model`` defaults to the preset the checkpoint records, else ``vim_tiny``;
+    ``args.model`` is set to the preset built.
+    """
+    if args.model is not None:
+        get_preset(args.model)   # an unknown name fails here, listing the known ones
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                         scan_backend=args.scan_backend, **model_overrides(args))
-    apply(model, reduction_spec(args) if spec is None else spec)
+                         reduce=reduction_spec(args, default=None) if spec is None else spec,
+                         fallback=DEFAULT_MODEL, scan_backend=args.scan_backend, **model_overrides(args))
+    args.model = model.preset_name
     return model.eval()
 
 
@@ -167,11 +262,14 @@ def merge_options(name: str, options: dict[str, Any], flags: dict[str, Any], *, 
     return format_spec(name, merged)
 
 
-def reduction_spec(args: argparse.Namespace) -> str:
-    """The reduction the arguments describe, as a spec string (validated)."""
+def reduction_spec(args: argparse.Namespace, default: str | None = NONE) -> str | None:
+    """The reduction the arguments describe, as a spec string (validated); ``default`` when they
+    describe none (no --reduce, --method or option flag)."""
     flags = given_options(args)
     spec = getattr(args, "reduce", None)
     method = getattr(args, "method", None)
+    if spec is None and method is None and not flags:
+        return default
     if spec is not None and method is not None:
         raise CommandError("give the reduction with --reduce SPEC or with --method, not both")
     if spec is not None:

@@ -12,6 +12,8 @@ from vimerge.data.fashion_mnist import DEFAULT_ROOT
 from vimerge.demo import FULL, QUICK, run_demo, summary
 from vimerge.models.checkpoint import CheckpointError
 
+from .common import writable_path
+
 HELP = ("the whole token-reduction study on Fashion-MNIST: accuracy, FLOPs and speed of pruning, "
         "R-MeeTo, STM and re-training, with report and plots")
 
@@ -27,7 +29,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-base", action="store_true",
                    help="train the base model from scratch (vimerge train's recipe, about 25 min on 2 "
                         "CPU cores) instead of using the shipped weights")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N test images")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate the first N test images (default: all 10,000, --quick 1,000)")
     p.add_argument("--retrain-images", type=int, default=None, metavar="N",
                    help="training images per re-training run (default: 8000, quick 2000)")
     p.add_argument("--fresh", action="store_true", help="recompute rows an interrupted run already finished")
@@ -36,6 +39,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 on success, 2 on missing data, a bad checkpoint or a bad option, 130 when interrupted."""
+    writable_path(args.output, "--output", directory=True)
     plan = QUICK if args.quick else FULL
     if args.limit is not None:
         if args.limit < 1:

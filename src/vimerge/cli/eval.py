@@ -6,7 +6,14 @@
         --sweep "none;rmeeto:0.14,0.28;stm:ratio=0.28;prune:r=4,interval=1" --output sweep.json
 
 Weights, data and batches are the same for every row of a sweep: the model is built once and
-only its reduction changes between rows.
+only its reduction changes between rows. Every row is timed the same way: before the first
+timed row, one untimed batch goes through the model with each row's reduction (one-time costs
+such as kernel compilation and allocator growth fall there, not in the first row).
+
+Data: ``--data DIR`` is an ImageFolder directory or Fashion-MNIST's IDX files; a dataset root
+holding split folders (``train/`` and ``val/``) is read at its ``val`` folder (the rule of
+``vimerge retrain``: :func:`vimerge.data.split_dir`). Without ``--data``, a one-channel
+28x28 model (``vim_fmnist``) is evaluated on the installed Fashion-MNIST test split.
 """
 
 from __future__ import annotations
@@ -16,30 +23,23 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from vimerge.data import detect_kind, make_loader, open_dataset
+from vimerge.data import FASHION_MNIST_ROOT, detect_kind, make_loader, open_dataset, split_dir
 from vimerge.measure.evaluate import evaluate
 from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
-from vimerge.reduce import apply, parse_spec
+from vimerge.reduce import apply, parse_spec, spec_of
 
-from .common import CommandError, build_model, given_options, parse_sweep, reduction_spec
+from .common import (CommandError, build_model, device_arg, floats, given_options, parse_sweep, reduction_spec,
+                     writable_path)
 
 log = logging.getLogger(__name__)
 
 HELP = ("top-1/top-5 accuracy and loss on an ImageFolder directory or Fashion-MNIST; --sweep for "
         "several reductions")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -56,25 +56,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The data / evaluation / sweep options."""
     g = p.add_argument_group("evaluation data")
     g.add_argument("--data", metavar="DIR",
-                   help="an ImageFolder directory (DIR/<class>/<image>, e.g. ImageNet val) or a "
-                        "directory with the Fashion-MNIST IDX files (default with --dataset "
-                        "fashion-mnist: /usr/share/datasets/fashion-mnist)")
+                   help="an ImageFolder directory (DIR/<class>/<image>, e.g. ImageNet val; a root "
+                        "with train/ and val/ is read at val/) or a directory with the Fashion-MNIST "
+                        f"IDX files (default: {FASHION_MNIST_ROOT}, Debian's dataset-fashion-mnist, for a "
+                        "one-channel 28x28 model or with --dataset fashion-mnist)")
     g.add_argument("--dataset", choices=["auto", "imagefolder", "fashion-mnist"], default="auto",
                    help="how to read --data; auto: Fashion-MNIST when DIR holds its IDX files, "
                         "else ImageFolder (default: auto)")
     g.add_argument("--split", choices=["test", "train"], default="test",
-                   help="Fashion-MNIST split (default: test); an ImageFolder DIR is one split")
+                   help="Fashion-MNIST split, or the split folder of an ImageFolder root holding "
+                        "train/ and val/ (test: val/) (default: test)")
     g.add_argument("--limit", type=_positive, default=None, metavar="N",
                    help="evaluate N images: Fashion-MNIST's first N, or N spread evenly over the "
-                        "ImageFolder's sorted list (every class represented)")
+                        "ImageFolder's sorted list (every class represented) (default: all)")
     g.add_argument("--batch-size", type=_positive, default=64, help="images per batch (default: 64)")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 0 for Fashion-MNIST, "
                         "min(8, CPUs - 1) for image files)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: auto: cuda if available)")
-    g.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
+    g.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, cuda, cuda:1... (default: auto: cuda if available)")
+    g.add_argument("--mean", type=floats, default=None, metavar="M[,M,M]",
                    help="normalisation mean (default: ImageNet's, or Fashion-MNIST's 0.2860)")
-    g.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]",
+    g.add_argument("--std", type=floats, default=None, metavar="S[,S,S]",
                    help="normalisation std (default: ImageNet's, or Fashion-MNIST's 0.3530)")
     g.add_argument("--crop-pct", type=float, default=0.875,
                    help="ImageFolder: resize the shorter side to img_size / crop_pct, then centre "
@@ -87,17 +90,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         '"none;rmeeto:r=4,interval=1;stm:ratio=0.28"; "rmeeto:0.14,0.28" gives one row '
                         "per mean-token ratio; shorthand flags (--interval, --distance...) apply to every "
                         "row whose method takes them")
-    o.add_argument("--output", metavar="FILE",
+    o.add_argument("--output", "-o", metavar="FILE",
                    help="also write the result: JSON (every field of every row), or a markdown "
                         "table when FILE ends in .md")
     o.add_argument("--json", action="store_true", help="print JSON instead of the summary/table")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _default_workers(kind: str) -> int:
@@ -151,6 +148,42 @@ def _skipped_text(skipped: list[str]) -> str:
     return f"skipped {len(skipped)} unreadable file(s):\n" + "\n".join(f"  {path}" for path in skipped)
 
 
+def _data_source(args: argparse.Namespace, model) -> tuple[str, str | None]:
+    """(kind, directory) of the evaluation data: ``--data`` (a dataset root with split folders
+    read at the split's folder), else the installed Fashion-MNIST for a one-channel 28x28 model."""
+    kind, data = args.dataset, args.data
+    if data is None:
+        if kind == "imagefolder":
+            raise CommandError("--dataset imagefolder needs --data DIR")
+        fmnist_like = model.in_chans == 1 and tuple(model.img_size) == (28, 28)
+        if kind == "auto" and not fmnist_like:
+            raise CommandError(f"give --data DIR (an ImageFolder directory, e.g. ImageNet val, or one with the "
+                               f"Fashion-MNIST IDX files): the default, Fashion-MNIST, is for one-channel 28x28 "
+                               f"models and {args.model} takes {model.in_chans} channel(s) at "
+                               f"{model.img_size[0]}x{model.img_size[1]}")
+        return "fashion-mnist", None
+    if kind == "auto":
+        kind = detect_kind(data, args.split)
+    if kind == "imagefolder":
+        data = str(split_dir(data, "val" if args.split == "test" else args.split))
+    return kind, data
+
+
+def _warm_up(model, specs: list[str], loader, device: torch.device) -> None:
+    """One untimed batch through the model with each row's reduction, before any timed row."""
+    for batch in loader:
+        images = batch[0] if not isinstance(batch, dict) else batch["images"]
+        if images is None or len(images) == 0:
+            continue
+        images = images.to(device)
+        model.to(device).eval()
+        with torch.inference_mode():
+            for spec in specs:
+                apply(model, spec)
+                model(images)
+        return
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the model, evaluate (one row, or every row of ``--sweep``), print."""
     if args.sweep:
@@ -158,21 +191,16 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError("--sweep sets the reduction of each row: drop --method/--reduce")
         specs = parse_sweep(args.sweep, given_options(args))
     else:
-        specs = [reduction_spec(args)]
-    kind = args.dataset
-    if kind == "auto" and args.data is None:
-        raise CommandError("give --data DIR (an ImageFolder directory or one with the Fashion-MNIST "
-                           "IDX files), or --dataset fashion-mnist for the installed package")
-    if kind == "auto":
-        kind = detect_kind(args.data, args.split)
+        specs = [reduction_spec(args, default=None)]   # None: as the weights were re-trained
+    output = writable_path(args.output, "--output") if args.output else None
     model = build_model(args, specs[0])
+    specs[0] = spec_of(model.reduction)
     for spec in specs:      # every row's reduction reachable before any evaluation starts
         apply(model, spec)
         model_cost(model)
-    device = _resolve_device(args.device)
-    if kind == "imagefolder" and args.split != "test":
-        log.warning("--split %s is ignored for an ImageFolder directory (it is one split)", args.split)
-    dataset = open_dataset(args.data, kind=kind, img_size=model.img_size, channels=model.in_chans,
+    kind, data = _data_source(args, model)
+    device = torch.device(args.device)
+    dataset = open_dataset(data, kind=kind, img_size=model.img_size, channels=model.in_chans,
                            split=args.split, limit=args.limit, mean=args.mean, std=args.std,
                            crop_pct=args.crop_pct, interpolation=args.interpolation)
     classes = list(getattr(dataset, "classes", []))
@@ -186,10 +214,11 @@ def run(args: argparse.Namespace) -> int:
     workers = _default_workers(kind) if args.workers is None else max(0, args.workers)
     loader = make_loader(dataset, args.batch_size, workers, pin_memory=device.type == "cuda")
     info = {"model": args.model, "checkpoint": args.checkpoint, "dataset": kind,
-            "data": str(getattr(dataset, "root", args.data)), "split": args.split if kind == "fashion-mnist" else None,
+            "data": str(getattr(dataset, "root", data)), "split": args.split if kind == "fashion-mnist" else None,
             "classes": len(classes), "img_size": list(model.img_size), "channels": model.in_chans,
             "device": str(device), "batch_size": args.batch_size}
 
+    _warm_up(model, specs, loader, device)
     skipped: list[str] = []
     rows: list[dict] = []
     for i, spec in enumerate(specs):
@@ -211,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if skipped and not args.json:
         print(_skipped_text(skipped))
-    if args.output:
-        out = Path(args.output).expanduser()
+    if output is not None:
+        out = output
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".md":
             out.write_text(sweep_table(rows) + "\n" + (_skipped_text(skipped) + "\n" if skipped else ""))

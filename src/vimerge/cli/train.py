@@ -1,11 +1,9 @@
 """``vimerge train``: ``vimerge retrain`` with the from-scratch recipe of the shipped
-``vim_fmnist`` weights (:data:`vimerge.train.recipe.BASE_RECIPE`) as defaults."""
+``vim_fmnist`` weights (:data:`vimerge.train.recipe.BASE_RECIPE`, ``--recipe base``) as defaults."""
 
 from __future__ import annotations
 
 import argparse
-
-from vimerge.train.recipe import BASE_RECIPE
 
 from . import retrain
 
@@ -15,8 +13,7 @@ HELP = ("train a model from scratch (default: the recipe of the shipped vim_fmni
 
 def add_args(p: argparse.ArgumentParser) -> None:
     retrain.add_args(p)
-    p.set_defaults(**{k: v for k, v in BASE_RECIPE.items() if k not in ("reduce", "seed")},
-                   train_seed=BASE_RECIPE["seed"])
+    p.set_defaults(recipe="base")
 
 
 run = retrain.run

@@ -13,23 +13,30 @@ from vimerge.data.transforms import EvalTransform
 from vimerge.reduce import spec_of
 from vimerge.viz import draw_groups, figure, token_groups
 
-from .common import CommandError, build_model
+from .common import CommandError, build_model, floats, writable_path
 
 HELP = "draw the merged token groups on images (R-MeeTo App. D.5)"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", nargs="+", required=True, help="image file(s)")
-    p.add_argument("--out", default="merged_tokens.png", help="PNG to write")
+    p.add_argument("--output", "-o", default="merged_tokens.png", metavar="FILE",
+                   help="PNG to write; missing directories are created")
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)   # the old spelling
     p.add_argument("--cell", type=int, default=None, help="pixels per patch in the drawing "
                    "(default: about 168 px per image side)")
     p.add_argument("--crop-pct", type=float, default=None,
-                   help="centre-crop share (default 1.0 for images already at the model size, else 0.875)")
-    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean")
-    p.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std")
+                   help="centre-crop share (default: 1.0 for images already at the model size, else 0.875)")
+    p.add_argument("--mean", type=floats, default=None, metavar="M[,M,M]",
+                   help="normalisation mean (default: ImageNet's, or Fashion-MNIST's 0.2860 for a "
+                        "one-channel 28x28 model)")
+    p.add_argument("--std", type=floats, default=None, metavar="S[,S,S]",
+                   help="normalisation std (default: ImageNet's, or Fashion-MNIST's 0.3530 for a "
+                        "one-channel 28x28 model)")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = writable_path(args.output, "--output")
     model = build_model(args)
     channels, size = model.in_chans, model.img_size
     fmnist_like = channels == 1 and size == (28, 28)
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [[crop.convert("RGB").resize((gw * cell, gh * cell), Image.BICUBIC),
              draw_groups(crop, g, cell=cell)] for crop, g in zip(crops, groups)]
     n_final = int(groups[0].max()) + 1
-    figure(rows, ["image", f"{spec_of(model.reduction)}: {n_final} tokens"]).save(args.out)
-    print(f"wrote {args.out}: {len(rows)} image(s), {gh * gw} patches -> {n_final} tokens")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure(rows, ["image", f"{spec_of(model.reduction)}: {n_final} tokens"]).save(out)
+    print(f"wrote {out}: {len(rows)} image(s), {gh * gw} patches -> {n_final} tokens")
     return 0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
@@ -27,6 +28,40 @@ from .transforms import (
 )
 
 KINDS = ("auto", "imagefolder", "fashion-mnist")
+
+# folder names of a split inside a dataset root, in order of preference
+SPLIT_NAMES = {"train": ("train", "training"),
+               "val": ("val", "validation", "valid", "test"),
+               "test": ("test", "val", "validation", "valid")}
+
+
+def split_dir(root: str | os.PathLike, split: str, *, required: bool = True) -> Path | None:
+    """The ImageFolder directory of ``split`` (``"train"``, ``"val"``, ``"test"``...) under a
+    dataset root: THE rule of ``vimerge retrain`` and ``vimerge eval``.
+
+    * ``ROOT/<name>`` for the first folder name of the split that exists (:data:`SPLIT_NAMES`:
+      ``val`` also accepts ``validation``, ``valid`` and ``test``; ``test`` also ``val``...);
+    * a root without any split folder is one split itself: ``ROOT`` (its sub-folders are the
+      classes);
+    * a root with split folders but none for ``split``: :class:`DatasetError` naming the
+      folders found, or None when not ``required``.
+
+    So ``ROOT`` holding ``train/`` and ``val/`` is never read as two classes named "train" and
+    "val".
+    """
+    base = Path(root).expanduser()
+    names = SPLIT_NAMES.get(split, (split,))
+    for name in names:
+        if (base / name).is_dir():
+            return base / name
+    present = sorted({n for ns in SPLIT_NAMES.values() for n in ns if (base / n).is_dir()})
+    if not present:
+        return base
+    if not required:
+        return None
+    raise DatasetError(f"{base} holds the split folder(s) {', '.join(present)} but no {split} split "
+                       f"({' or '.join(names)}); pass the split's folder itself, e.g. "
+                       f"{base / present[0]}")
 
 
 def detect_kind(root: str | os.PathLike | None, split: str = "test") -> str:
@@ -76,7 +111,7 @@ def make_loader(dataset, batch_size: int = 64, workers: int = 0, *, pin_memory: 
                       persistent_workers=False)
 
 
-__all__ = ["open_dataset", "make_loader", "detect_kind", "KINDS", "ImageFolder", "FashionMNIST",
+__all__ = ["open_dataset", "make_loader", "detect_kind", "split_dir", "SPLIT_NAMES", "KINDS", "ImageFolder", "FashionMNIST",
            "FashionMNISTNotFound", "DatasetError", "Skipped", "Batch", "collate_skipping",
            "subset_evenly", "read_idx", "load_split", "is_fashion_mnist_dir", "EvalTransform",
            "resize_shorter", "center_crop", "to_tensor", "normalize", "IMAGENET_MEAN", "IMAGENET_STD",

@@ -3,6 +3,13 @@
 :func:`measure` times the forward pass on random images (warm-up, then repeated timed runs;
 median and spread) and reports images/s, peak memory and the share of the time spent in the
 reduction itself. ``vimerge bench`` (``vimerge/cli/bench.py``) runs it at several ratios.
+
+Peak memory is measured the same way for every row, whatever ran before: the warm-up runs
+first, then the counter is reset (CUDA: ``reset_peak_memory_stats``, peak of the allocated
+bytes during the timed runs; CPU: the freed heap is returned to the OS, the resident-set
+high-water mark reset, and the peak is its rise above the resident set at the start of the
+timed runs). One-time costs (kernel compilation, thread pools) fall in the warm-up, not in a
+row's peak; run :func:`warm_up` on every configuration first when comparing several.
 """
 
 from __future__ import annotations
@@ -43,13 +50,9 @@ class _ReduceTimer:
         self.reducer.reduce = self.inner
 
 
-def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu", warmup: int = 1,
-            repeats: int = 5) -> dict:
-    """Time ``model`` (with its active reduction) on random images; returns one table row."""
-    dev = torch.device(device)
+def _runner(model, batch_size: int, dtype: str, dev: torch.device):
     images = torch.randn(batch_size, model.in_chans, *model.img_size, device=dev)
     autocast = torch.autocast(dev.type, dtype=DTYPES[dtype]) if dtype != "fp32" else None
-    timer = _ReduceTimer(model.reduction, dev) if model.reduction is not None else None
 
     def run() -> None:
         with torch.inference_mode():
@@ -59,16 +62,31 @@ def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu",
             else:
                 model(images)
         _sync(dev)
+    return run
 
+
+def warm_up(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu") -> None:
+    """One untimed forward of ``model`` (with its active reduction) on random images."""
+    _runner(model, batch_size, dtype, torch.device(device))()
+
+
+def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu", warmup: int = 1,
+            repeats: int = 5) -> dict:
+    """Time ``model`` (with its active reduction) on random images; returns one table row.
+
+    ``warmup`` untimed forwards, then the peak-memory counter is reset and ``repeats`` timed
+    forwards run (see the module docstring for how the peak is measured).
+    """
+    dev = torch.device(device)
+    run = _runner(model, batch_size, dtype, dev)
+    for _ in range(warmup):
+        run()
+    timer = _ReduceTimer(model.reduction, dev) if model.reduction is not None else None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     trim_heap()
     base = rss_mb("VmRSS") if dev.type == "cpu" else None
     exact = dev.type == "cpu" and reset_peak()
-    for _ in range(warmup):
-        run()
-    if timer is not None:
-        timer.seconds = 0.0
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -88,4 +106,4 @@ def measure(model, *, batch_size: int, dtype: str = "fp32", device: str = "cpu",
                 batch_ms=med * 1e3, reduce_share=reduce_share, peak_mb=peak)
 
 
-__all__ = ["measure", "DTYPES"]
+__all__ = ["measure", "warm_up", "DTYPES"]

@@ -106,7 +106,7 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
                 if int(labels.max()) >= num_classes or int(labels.min()) < 0:
                     raise ValueError(f"label {int(labels.max())} is outside the model's "
                                      f"{num_classes} outputs; build the model with the data set's "
-                                     f"number of classes (--num-classes)")
+                                     f"number of classes (create_model(..., num_classes=N))")
                 loss_sum += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
                 right = logits.argmax(-1) == labels
                 correct1 += int(right.sum())

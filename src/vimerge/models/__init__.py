@@ -5,9 +5,9 @@
 """
 
 from . import vim  # noqa: F401  (registers the Vim presets)
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
 from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .vim import VisionMamba
 
 __all__ = ["create_model", "list_models", "model_defaults", "register_model", "get_preset", "pretrained_uri",
-           "VisionMamba", "CheckpointError", "load_checkpoint", "read_state_dict", "save_checkpoint"]
+           "VisionMamba", "CheckpointError", "load_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"]

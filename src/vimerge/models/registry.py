@@ -18,11 +18,13 @@ from .checkpoint import load_checkpoint
 @dataclass
 class Preset:
     """A registered model: ``builder(**defaults, **overrides)``; ``pretrained`` is the URI or
-    path of its published weights (None: none)."""
+    path of its published weights (None: none); ``retrain_recipe`` the re-training settings that
+    suit it (:class:`vimerge.train.RetrainConfig` fields; None: the paper's ImageNet recipe)."""
     name: str
     builder: Callable[..., nn.Module]
     defaults: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    retrain_recipe: dict[str, Any] | None = None
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -30,9 +32,12 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], aliases: tuple[str, ...] = (),
-                   pretrained: str | os.PathLike | None = None, **defaults: Any) -> None:
-    """Register ``name`` as ``builder(**defaults, **overrides)``; ``pretrained`` is its weights' URI."""
-    _PRESETS[name] = Preset(name, builder, dict(defaults), None if pretrained is None else os.fspath(pretrained))
+                   pretrained: str | os.PathLike | None = None,
+                   retrain_recipe: dict[str, Any] | None = None, **defaults: Any) -> None:
+    """Register ``name`` as ``builder(**defaults, **overrides)``; ``pretrained`` is its weights' URI,
+    ``retrain_recipe`` its re-training defaults (``vimerge retrain`` uses them unless overridden)."""
+    _PRESETS[name] = Preset(name, builder, dict(defaults), None if pretrained is None else os.fspath(pretrained),
+                            None if retrain_recipe is None else dict(retrain_recipe))
     for alias in aliases:
         _ALIASES[alias] = name
 
@@ -62,7 +67,7 @@ def pretrained_uri(name: str) -> str | None:
 
 def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
                  checkpoint: str | os.PathLike | None = None, pretrained: bool = False, strict: bool = True,
-                 **overrides: Any) -> nn.Module:
+                 ema: bool | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model, optionally loading weights.
 
     Args:
@@ -76,6 +81,8 @@ def create_model(name: str, *, num_classes: int | None = None, img_size: int | t
         pretrained: load the preset's published weights (shipped with vimerge, or from the hub:
             needs ``huggingface_hub`` and internet); ignored when ``checkpoint`` is given.
         strict: require exactly the model's keys in the checkpoint.
+        ema: which weights of a file that holds online and averaged ones (see
+            :func:`~vimerge.models.checkpoint.load_checkpoint`; None: the online ones, with a warning).
         **overrides: any constructor argument of the builder (``depth``, ``embed_dim``,
             ``d_state``, ``patch_size``, ``stride``, ``in_chans``, ``drop_path_rate``,
             ``scan_backend``...).
@@ -89,10 +96,11 @@ def create_model(name: str, *, num_classes: int | None = None, img_size: int | t
     chosen = {"num_classes": num_classes if num_classes is not None else defaults.get("num_classes", 1000),
               "img_size": img_size if img_size is not None else defaults.get("img_size", 224)}
     model = preset.builder(**{**defaults, **chosen, **overrides})
+    model.preset_name = preset.name        # the registered name it was built as (aliases resolved)
     if checkpoint is None and pretrained:
         if preset.pretrained is None:
             raise ValueError(f"model {preset.name!r} has no published weights; pass checkpoint=PATH")
         checkpoint = preset.pretrained
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=strict)
+        load_checkpoint(model, checkpoint, strict=strict, ema=ema)
     return model

@@ -53,15 +53,64 @@ class PatchEmbed(nn.Module):
         self.grid_size = tuple((s - p) // stride + 1 for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=stride)
+        border = tuple((s - p) % stride for s, p in zip(self.img_size, self.patch_size))
+        if any(border):
+            warnings.warn(self._border_message(border), stacklevel=3)
+
+    def _border_message(self, border: tuple[int, int]) -> str:
+        """The pixels that no patch covers (the convolution drops them) and the sizes that fit."""
+        rows, cols = border
+        lost = [f"{rows} pixel row{'s' * (rows != 1)}" if rows else "",
+                f"{cols} column{'s' * (cols != 1)}" if cols else ""]
+        fits = [(size - drop, size - drop + self.stride) for size, drop in zip(self.img_size, border)]
+        down, up = (_fmt_size(tuple(f[i] for f in fits)) for i in (0, 1))
+        return (f"img_size {_fmt_size(self.img_size)} is not covered by whole patches (patch_size "
+                f"{_fmt_size(self.patch_size)}, stride {self.stride}): the border is dropped (never seen: "
+                f"the last {' and '.join(t for t in lost if t)}); use img_size={down} or "
+                f"img_size={up} (and resize the images to it) to use every pixel")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.proj.in_channels, *self.img_size):
-            raise ValueError(
-                f"expected images of shape (batch, {self.proj.in_channels}, {self.img_size[0]}, "
-                f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input or build the model "
-                f"with img_size={tuple(x.shape[-2:]) if x.dim() == 4 else '...'} (position "
-                f"embeddings are resampled when a checkpoint is loaded)")
+            raise ValueError(self._input_message(x))
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def _input_message(self, x: Tensor) -> str:
+        """What is wrong with the input's shape and how to fix it: the batch dimension, the
+        channels (grayscale / RGB), the layout (channels last), the size; only what differs."""
+        c, (h, w) = self.proj.in_channels, self.img_size
+        msg = f"expected images of shape (batch, {c}, {h}, {w}), got {tuple(x.shape)}"
+        if x.dim() != 4:
+            single = x.dim() == 3 and tuple(x.shape) == (c, h, w)
+            return (f"{msg}: {'a single image' if single else 'not a batch of images'}; the model "
+                    f"takes a batch dimension first (x.unsqueeze(0) for one image)")
+        if x.shape[-1] == c and tuple(x.shape[1:3]) == (h, w):
+            return f"{msg}: the images are channels-last; pass x.permute(0, 3, 1, 2)"
+        fixes = []
+        got = x.shape[1]
+        if got != c:
+            what = f"{got}-channel images into a model that takes {c} channel{'s' * (c != 1)}"
+            if c == 3 and got == 1:
+                fixes.append(f"{what}: convert them to RGB (PIL's image.convert('RGB'), or "
+                             f"x.expand(-1, 3, -1, -1)) or build the model with in_chans=1")
+            elif c == 1 and got in (3, 4):
+                fixes.append(f"{what}: convert them to grayscale (PIL's image.convert('L'), or "
+                             f"x[:, :3].mean(1, keepdim=True)) or build the model with in_chans={got}")
+            else:
+                fixes.append(f"{what}: build the model with in_chans={got}")
+        if tuple(x.shape[-2:]) != (h, w):
+            fixes.append(f"{x.shape[-2]}x{x.shape[-1]} images into a model for {h}x{w}: resize the "
+                         f"input, or build the model with img_size={tuple(x.shape[-2:])} (position "
+                         f"embeddings are resampled when a checkpoint is loaded)")
+        return f"{msg}; " + "; ".join(fixes)
+
+
+def _fmt_size(hw: tuple[int, int]) -> str:
+    """An image size or grid as written in an argument: ``224`` when square, else ``(224, 320)``."""
+    return str(hw[0]) if hw[0] == hw[1] else str(tuple(hw))
+
+
+def _grid(hw: tuple[int, int]) -> str:
+    return f"{hw[0]}x{hw[1]}"
 
 
 class RMSNorm(nn.Module):
@@ -328,13 +377,27 @@ class VisionMamba(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_filter(self, state: dict[str, Tensor], source: str, strict: bool
                           ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Recognise a Vim checkpoint and resample its position embedding to this model's grid
-        (the middle class token's row kept out of the interpolation, see
-        :func:`~vimerge.models.checkpoint.resample_pos_embed`).
+        """Recognise a Vim checkpoint and fit its position embedding to this model's patch grid.
+
+        The checkpoint records no img_size or stride, only its grid (the position embedding's
+        rows) and patch size (the patch convolution). Its grid is compared with the model's:
+
+        * the same grid: loaded as it is;
+        * a grid that another stride gives at the model's img_size (a stride dividing the patch
+          size, e.g. the official stride-8 Vims: 27x27 at 224 px): refused, with the fix
+          (``stride=8``, since (224-16)/(27-1) = 8); with ``strict=False`` the position
+          embedding is left out (reported as mismatched) with a warning;
+        * any other grid is the model's geometry at another img_size (the checkpoint was made at
+          another resolution): the patch rows are resampled bicubically to the model's grid
+          (the middle class token's row kept out, see
+          :func:`~vimerge.models.checkpoint.resample_pos_embed`), with a warning naming both
+          grids; the report gets ``"pos_embed_grid": (checkpoint grid, model grid)``.
+
+        The checkpoint's grid is square, or has the model's aspect ratio.
 
         Raises:
-            CheckpointError: the weights are not a Vim's (no ``layers.N.mixer`` keys), or a
-                position embedding that is not a square grid would need resampling.
+            CheckpointError: the weights are not a Vim's (no ``layers.N.mixer`` keys), the grid
+                fits another stride, or it is neither square nor of the model's aspect ratio.
         """
         if not any(k.startswith("layers.") for k in state):
             prefixes = sorted({k.split(".", 1)[0] for k in state})
@@ -343,22 +406,67 @@ class VisionMamba(nn.Module):
             if strict:
                 raise CheckpointError(msg)
             warnings.warn(msg, stacklevel=3)
+        unchanged: dict[str, Any] = {"resized_pos_embed": False}
         old, new = state.get("pos_embed"), self.pos_embed
         if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1] or old.shape[1] == new.shape[1]:
-            return state, {"resized_pos_embed": False}   # nothing to do, or a mismatch the key check reports
+            return state, unchanged   # nothing to do, or a mismatch the key check reports
+        proj = state.get("patch_embed.proj.weight")
+        if proj is not None and tuple(proj.shape[-2:]) != tuple(self.patch_embed.patch_size):
+            return state, unchanged   # another patch size: the key check reports it, with the preset hint
         n_old = old.shape[1] - 1
-        side = math.isqrt(n_old)
-        if side * side != n_old:
+        grid = self._checkpoint_grid(n_old)
+        mine = f"{_grid(self.grid_size)} grid (img_size {_fmt_size(self.img_size)}, patch_size " \
+               f"{_fmt_size(self.patch_embed.patch_size)}, stride {self.patch_embed.stride})"
+        if grid is None:
             msg = (f"checkpoint {source} has a position embedding for {n_old} patches, which is not a "
-                   f"square grid, and the model has {self.num_patches} patches (grid "
-                   f"{tuple(self.grid_size)}); build the model with the checkpoint's img_size/patch_size, or "
+                   f"square grid nor one of the model's aspect ratio, and the model has {self.num_patches} "
+                   f"patches: a {mine}; build the model with the checkpoint's img_size/stride, or "
                    f"resample it yourself with resample_pos_embed(..., old_grid=(h, w))")
-            if strict:
-                raise CheckpointError(msg)
-            warnings.warn(msg, stacklevel=3)
-            return state, {"resized_pos_embed": False}
-        resized = resample_pos_embed(old, tuple(self.grid_size), (side, side), n_old // 2, self.cls_index)
-        return {**state, "pos_embed": resized}, {"resized_pos_embed": True}
+        elif (stride := self._stride_for_grid(grid)) is not None:
+            (h, _), (p, _) = self.img_size, self.patch_embed.patch_size
+            at = tuple((g - 1) * self.patch_embed.stride + q for g, q in zip(grid, self.patch_embed.patch_size))
+            msg = (f"checkpoint {source} has a {_grid(grid)} patch grid ({n_old + 1} position-embedding "
+                   f"rows), the model a {mine}: the checkpoint's grid is what stride {stride} gives "
+                   f"at img_size {_fmt_size(self.img_size)}. Build the model with stride={stride}, since "
+                   f"({h}-{p})/({grid[0]}-1) = {stride} (or, if the checkpoint was made at "
+                   f"img_size={_fmt_size(at)} with stride {self.patch_embed.stride}, with img_size={_fmt_size(at)})")
+        else:
+            at = tuple((g - 1) * self.patch_embed.stride + q for g, q in zip(grid, self.patch_embed.patch_size))
+            warnings.warn(
+                f"checkpoint {source} has a {_grid(grid)} patch grid (img_size {_fmt_size(at)} with patch_size "
+                f"{_fmt_size(self.patch_embed.patch_size)}, stride {self.patch_embed.stride}): resampled its "
+                f"position embedding to the model's {_grid(self.grid_size)} grid (img_size "
+                f"{_fmt_size(self.img_size)}); build the model with img_size={_fmt_size(at)} to use it unchanged",
+                stacklevel=3)
+            resized = resample_pos_embed(old, tuple(self.grid_size), grid, n_old // 2, self.cls_index)
+            return ({**state, "pos_embed": resized},
+                    {"resized_pos_embed": True, "pos_embed_grid": (grid, tuple(self.grid_size))})
+        if strict:
+            raise CheckpointError(msg)
+        warnings.warn(f"{msg}; its position embedding was not loaded", stacklevel=3)
+        return state, unchanged
+
+    def _checkpoint_grid(self, n: int) -> tuple[int, int] | None:
+        """The (rows, columns) of a checkpoint's ``n`` patches: square, or the model's aspect ratio."""
+        side = math.isqrt(n)
+        if side * side == n:
+            return side, side
+        gh, gw = self.grid_size
+        return next(((h, n // h) for h in range(1, n + 1) if n % h == 0 and h * gw == (n // h) * gh), None)
+
+    def _stride_for_grid(self, grid: tuple[int, int]) -> int | None:
+        """The stride (other than the model's, dividing the patch size) that gives ``grid`` at the
+        model's img_size and patch size, or None."""
+        spans = [s - p for s, p in zip(self.img_size, self.patch_embed.patch_size)]
+        if min(grid) < 2 or any(span % (g - 1) for span, g in zip(spans, grid)):
+            return None
+        strides = {span // (g - 1) for span, g in zip(spans, grid)}
+        if len(strides) != 1:
+            return None
+        stride = strides.pop()
+        if stride < 1 or stride == self.patch_embed.stride or any(p % stride for p in self.patch_embed.patch_size):
+            return None
+        return stride
 
     def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
         """When the checkpoint's dimensions differ from this model's: what they are and the
@@ -487,5 +595,8 @@ for _size, _dim, _letter in (("tiny", 192, "t"), ("small", 384, "s"), ("base", 7
 # demo that must finish in minutes, against 123 / 499 img/s with patch 4 (measured 2026-11-25).
 # The shipped base checkpoint (trained here; its JSON sidecar records command, seed and accuracy).
 FMNIST_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "vim_fmnist.pth"
+# Its re-training recipe (the demo's): one pass, lr 1e-3 cosine to 1e-5, batch 64, no augmentation.
 register_model("vim_fmnist", VisionMamba, pretrained=FMNIST_WEIGHTS, img_size=28, patch_size=4, stride=4,
-               in_chans=1, depth=8, embed_dim=96, d_state=16, num_classes=10)
+               in_chans=1, depth=8, embed_dim=96, d_state=16, num_classes=10,
+               retrain_recipe=dict(epochs=1, batch_size=64, effective_batch=64, lr=1e-3, min_lr=1e-5,
+                                   augment="none", label_smoothing=0.1))

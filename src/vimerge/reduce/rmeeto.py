@@ -13,6 +13,7 @@ an ablation of the R-MeeTo paper.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -50,6 +51,14 @@ def _scores(a: Tensor, b: Tensor, distance: str) -> Tensor:
     return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
+def _full_precision(device: torch.device):
+    """A context with autocast off on ``device`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return nullcontext()
+
+
 def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "cosine", kth: int = 1,
                    grouping: str = "odd-even", select: str = "top", pair: str = "best",
                    ordered: bool = True, prune: bool = False,
@@ -66,13 +75,19 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
         ordered: restore the original token order (default); False gives the odd-even
             shuffle of Table 4: the kept A tokens, then the B tokens.
         prune: drop the r selected tokens instead of merging them (Tables 1a, 18).
+
+    The matching runs in fp32 (fp64 stays fp64) whatever the dtype of ``metric`` and the
+    autocast context: bf16/fp16 similarities of close tokens tie or swap, and a reduced model
+    would merge other tokens than in fp32 on the same features (the plan is small: its cost
+    does not matter).
     """
     bsz, n, _ = metric.shape
     m = n - 1
     r = min(r, bipartite_capacity(n))
     dev = metric.device
     A, B = _groups(m, grouping, generator, dev)
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(dev):
+        metric = metric.to(torch.promote_types(metric.dtype, torch.float32))   # fp64 stays fp64
         rest = torch.cat([metric[:, :cls_index], metric[:, cls_index + 1:]], dim=1)
         scores = _scores(rest[:, A], rest[:, B], distance)                  # (B, |A|, |B|)
         k = min(kth, B.numel())
@@ -149,10 +164,10 @@ class RMeeTo:
     interval: int = option(2, "reduce every k blocks, from block k (R-MeeTo: 2)")
     odd: bool = option(False, "reduce blocks 1, 3, ... instead of 2, 4, ... (R-MeeTo Table 16)")
     distance: str = option("cosine", "similarity of the matching (Table 7)", choices=DISTANCES)
-    mode: str = option("sum", "how merged tokens combine (Table 6)", choices=tuple(MERGE_MODES))
+    mode: str = option("sum", "how merged tokens combine (Table 17)", choices=tuple(MERGE_MODES))
     kth: int = option(1, "merge into the k-th closest partner (Table 15)")
     grouping: str = option("odd-even", "how tokens split into the two sets (Table 20)", choices=GROUPINGS)
-    metric: str = option("X", "features compared (Table 9): X, or the previous block's B, C, delta, y",
+    metric: str = option("X", "features compared (Table 6): X, or the previous block's B, C, delta, y",
                          choices=METRICS)
     ordered: bool = option(True, "keep the token order (--shuffle: Table 4's odd-even shuffle, ordered=false)",
                            flag="--shuffle", action="store_false")

@@ -16,13 +16,13 @@ order), :mod:`.augment` (batch augmentation), :mod:`.checkpoint` (run directory,
 from __future__ import annotations
 
 from .augment import LightAugment
-from .checkpoint import RunDirError, load_retrained
+from .checkpoint import NothingToResume, RunDirError, load_retrained
 from .log import RunLog
-from .loop import NonFiniteLossError, RetrainResult, retrain
+from .loop import NonFiniteLossError, RetrainInterrupted, RetrainResult, retrain
 from .loss import RetrainLoss
-from .recipe import (EMA, BASE_RECIPE, CosineSchedule, RetrainConfig, lr_at, no_decay_names,
+from .recipe import (EMA, BASE_RECIPE, CosineSchedule, RetrainConfig, lr_at, no_decay_names, recipe_defaults,
                      param_groups, resolve_accum)
 
 __all__ = ["BASE_RECIPE", "CosineSchedule", "EMA", "LightAugment", "NonFiniteLossError",
            "RetrainConfig", "RetrainLoss", "RetrainResult", "RunDirError", "RunLog",
-           "load_retrained", "lr_at", "no_decay_names", "param_groups", "resolve_accum", "retrain"]
+           "NothingToResume", "RetrainInterrupted", "load_retrained", "lr_at", "no_decay_names", "param_groups", "recipe_defaults", "resolve_accum", "retrain"]

@@ -3,7 +3,8 @@
 ``RUN_DIR`` holds:
 
 * ``last.pth``: the resume state, rewritten atomically (temporary file, then rename) at every
-  epoch end and every ``save_every`` steps: model, optimizer, scheduler, grad scaler, EMA,
+  epoch end, every ``save_every`` steps, at ``max_steps`` and when the run is interrupted
+  (Ctrl-C: the state of the last finished optimizer step): model, optimizer, scheduler, grad scaler, EMA,
   position (epoch, step inside the epoch, global step; the data order is a function of the
   seed and the epoch, see :mod:`vimerge.train.data`), the RNG states of every process (python,
   numpy, torch, CUDA, the reducer's generator) and the configuration;
@@ -26,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models import create_model
+from ..factory import create_model
 from ..models.checkpoint import save_checkpoint
-from ..reduce import apply, spec_of
-from .recipe import legacy_spec
+from ..reduce import spec_of
 
 LAST, FINAL, LOG, CONFIG = "last.pth", "final.pth", "log.jsonl", "config.json"
 RUN_FILES = (LAST, FINAL, LOG, CONFIG, "tb")
@@ -39,11 +39,24 @@ class RunDirError(RuntimeError):
     """The run directory holds a run that this command must not overwrite."""
 
 
-def prepare_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> str:
+class NothingToResume(ValueError):
+    """``resume`` was asked for, but the run directory holds no run to continue."""
+
+
+def prepare_run_dir(out: str | os.PathLike, *, resume: bool | str, overwrite: bool) -> str:
     """Check (and with ``overwrite`` clear) ``out``; returns ``"fresh"``, ``"resume"`` or
-    ``"finished"`` (``resume`` of a finished run: nothing to do)."""
+    ``"finished"`` (``resume`` of a finished run: nothing to do).
+
+    ``resume="require"`` on a directory without ``last.pth`` or ``final.pth`` (missing,
+    mistyped, or a run interrupted before its first checkpoint) raises :class:`NothingToResume`;
+    ``resume=True`` returns ``"fresh"`` there (the caller says so)."""
     out = Path(out)
     final, last = out / FINAL, out / LAST
+    if resume == "require" and not overwrite and not final.exists() and not last.exists():
+        where = ("does not exist" if not out.exists() else
+                 f"holds no {LAST} (nothing was saved)" if out.is_dir() else "is not a directory")
+        raise NothingToResume(f"nothing to resume: {out} {where}; check --output, or drop "
+                              f"--resume to start a new run there")
     if overwrite:
         for name in RUN_FILES:
             p = out / name
@@ -122,28 +135,13 @@ def reduction_spec(model: Any) -> str:
     return "none" if model.reduction is None else spec_of(model.reduction)
 
 
-def saved_spec(entry: Any) -> str:
-    """The reduction spec of a checkpoint's ``reduction`` entry: a spec string, or the
-    ``{"method", "options"}`` dict of checkpoints written before specs (None: ``"none"``)."""
-    if entry is None or isinstance(entry, str):
-        return entry or "none"
-    return legacy_spec(entry.get("method", "none"), entry.get("options"))
-
-
 def load_retrained(path: str | os.PathLike, *, ema: bool = False, scan_backend: str = "auto"):
     """The model a re-training run wrote to ``final.pth`` (or ``last.pth``), with its token
-    reduction re-applied, in eval mode. ``ema=True`` loads the EMA weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    arch = ckpt.get("arch")
-    if not arch:
-        raise ValueError(f"{path} has no 'arch' entry: not written by vimerge retrain")
-    model = create_model(arch["name"], scan_backend=scan_backend, **arch["kwargs"])
-    weights = ckpt["model"]
-    if ema:
-        if "model_ema" not in ckpt:
-            raise ValueError(f"{path} has no EMA weights (the run had EMA off)")
-        weights = ckpt["model_ema"]
-        weights = weights.get("weights", weights)
-    model.load_state_dict(weights)
-    apply(model, saved_spec(ckpt.get("reduction")))
-    return model.eval()
+    reduction re-applied, in eval mode (:func:`vimerge.create_model` on the file). ``ema=True``
+    loads the EMA weights.
+
+    Raises:
+        ValueError: the file records no model (not written by vimerge retrain/train).
+        CheckpointError: ``ema=True`` and the run kept no EMA, or the weights do not fit.
+    """
+    return create_model(checkpoint=path, ema=ema, scan_backend=scan_backend).eval()

@@ -16,7 +16,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, detect_kind, open_dataset
+from ..data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, Skipped, detect_kind,
+                    open_dataset, split_dir)
 from .augment import timm_train_transform
 
 log = logging.getLogger(__name__)
@@ -57,27 +58,37 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return max(0, self.num_micro - self.start)
 
 
+def readable(sample: Any) -> bool:
+    """Whether a dataset item is an ``(image tensor, label)`` pair (not a ``Skipped`` record)."""
+    return (isinstance(sample, (tuple, list)) and not isinstance(sample, Skipped)
+            and len(sample) == 2 and isinstance(sample[0], torch.Tensor))
+
+
 def collate_train(samples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image, label)`` samples. A sample the dataset could not read (a ``Skipped``
     record or None) is replaced by a readable sample of the same batch, so that every process
-    keeps the same batch size; a batch with none readable raises."""
-    good = [s for s in samples if isinstance(s, (tuple, list)) and len(s) == 2
-            and isinstance(s[0], torch.Tensor)]
+    keeps the same batch size; a batch with none readable raises.
+
+    Samples are told apart by :func:`readable` alone, never by ``in`` / ``==`` on the list:
+    those compare tuples holding tensors element by element (``bool(tensor == tensor)`` is an
+    error for images)."""
+    ok = [readable(s) for s in samples]
+    good = [s for s, keep in zip(samples, ok) if keep]
+    names = [getattr(s, "path", repr(s)) for s, keep in zip(samples, ok) if not keep]
     if not good:
-        raise RuntimeError(f"no readable sample in a training batch: {list(samples)[:3]}")
-    bad = len(samples) - len(good)
-    if bad:
-        log.warning("skipped %d unreadable training sample(s): %s", bad,
-                    [getattr(s, "path", s) for s in samples if s not in good][:3])
-    filled = [good[i % len(good)] for i in range(len(samples))] if bad else list(good)
+        raise RuntimeError(f"no readable sample in a training batch of {len(samples)}: "
+                           f"{', '.join(names[:3])}")
+    if names:
+        log.warning("skipped %d unreadable training sample(s), replaced by others of the batch: "
+                    "%s", len(names), ", ".join(names[:3]))
+    filled = [good[i % len(good)] for i in range(len(samples))] if names else good
     images = torch.stack([s[0] for s in filled])
     labels = torch.as_tensor([int(s[1]) for s in filled], dtype=torch.long)
     return images, labels
 
 
 def collate_eval(samples: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    good = [s for s in samples if isinstance(s, (tuple, list)) and len(s) == 2
-            and isinstance(s[0], torch.Tensor)]
+    good = [s for s in samples if readable(s)]
     if not good:
         return None, torch.empty(0, dtype=torch.long)
     return torch.stack([s[0] for s in good]), torch.as_tensor([int(s[1]) for s in good])
@@ -93,8 +104,11 @@ def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val:
               augment: str = "light", rand_augment: str = "", eval_limit: int | None = None
               ) -> tuple[Dataset, Dataset | None]:
     """``(train, val)`` datasets for ``--data``: Fashion-MNIST IDX files (train and test
-    splits) or an ImageFolder directory (``DIR/train`` and ``DIR/val`` when both exist, else
-    ``DIR`` itself and no validation set). ``val`` may name another directory or be None."""
+    splits) or an ImageFolder directory: the splits of :func:`vimerge.data.split_dir` (the
+    rule ``vimerge eval`` follows too): ``DIR/train`` and, for ``val="auto"``, ``DIR/val``
+    (or ``validation``/``test``) when there is one, else no validation set; a directory
+    without split folders is the training set itself. ``val`` may name another directory or
+    be None."""
     kind = detect_kind(root, "train")
     if kind == "fashion-mnist":
         train = open_dataset(root, kind=kind, split="train", img_size=img_size, channels=channels)
@@ -106,11 +120,8 @@ def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val:
             val_ds = open_dataset(val, img_size=img_size, channels=channels, split="test",
                                   limit=eval_limit)
         return train, val_ds
-    base = Path(root).expanduser()
-    train_dir, val_dir = base, None
-    if (base / "train").is_dir():
-        train_dir = base / "train"
-        val_dir = base / "val" if (base / "val").is_dir() else None
+    train_dir = split_dir(root, "train")
+    val_dir = split_dir(root, "val", required=False) if train_dir != Path(root).expanduser() else None
     if augment == "timm":
         size = img_size if isinstance(img_size, int) else img_size[0]
         transform = timm_train_transform(size, channels, rand_augment, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,7 +1,7 @@
 """The run log: one JSON object a line in ``log.jsonl``, mirrored to TensorBoard when available.
 
 Every record gets a ``time`` (Unix seconds) and carries an ``event`` (``start``, ``resume``,
-``step``, ``epoch``, ``stopped``, ``nonfinite``, ``end``). TensorBoard receives the numeric
+``step``, ``epoch``, ``stopped``, ``interrupted``, ``nonfinite``, ``end``). TensorBoard receives the numeric
 fields of each record as ``<event>/<field>`` scalars at the record's ``step``.
 """
 

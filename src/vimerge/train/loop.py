@@ -2,9 +2,15 @@
 
 One optimizer step is ``accum`` micro-batches (forward + backward, the gradient summed over the
 processes by DDP on the last one), then gradient clipping, the optimizer, the learning-rate
-schedule and the EMA. Validation is :func:`vimerge.measure.evaluate.evaluate` on each
+schedule and the EMA (a Ctrl-C arriving during that update is taken at its end, so that the
+state stays whole). Validation is :func:`vimerge.measure.evaluate.evaluate` on each
 process's shard of the evaluation set, the counts summed over processes. The loss is
 :class:`vimerge.train.loss.RetrainLoss`, the log :class:`vimerge.train.log.RunLog`.
+
+Ctrl-C (KeyboardInterrupt) during the run writes ``last.pth`` with the state of the last finished
+optimizer step (atomically) and raises :class:`RetrainInterrupted`; ``resume=True`` continues
+from there, with the weights of an uninterrupted run (single process: bit for bit; a torchrun
+group saves rank 0's random state only, see :meth:`_Run._save_interrupted`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import copy
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..data import subset_evenly
 from ..measure.evaluate import evaluate
 from ..models import create_model, model_defaults
 from ..models.checkpoint import save_checkpoint
@@ -45,6 +54,36 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped, its last checkpoint kept."""
+
+
+class RetrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the run; ``checkpoint`` (``last.pth``, or None when none could be written)
+    holds optimizer step ``step``, and ``resume=True`` continues from it."""
+
+    def __init__(self, message: str, checkpoint: str | None, step: int):
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold back Ctrl-C (SIGINT) inside the block and raise it at the block's end, so that the
+    state the block changes (an optimizer update, a checkpoint) is never left half done. Only
+    in the main thread (elsewhere signals cannot be handled: the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if previous is signal.default_int_handler:
+            raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
 
 
 @dataclass
@@ -115,6 +154,8 @@ class _Run:
             return RetrainResult(str(self.out), "already-finished",
                                  final_checkpoint=str(self.out / ck.FINAL))
         state = None
+        if status == "fresh" and self.cfg.resume and self.env.is_main:
+            log.warning("nothing to resume in %s: starting a new run there", self.out)
         if status == "resume":
             state = ck.load_state(self.out / ck.LAST)
             self.cfg = self._resume_config(state)
@@ -126,6 +167,7 @@ class _Run:
         if state is not None:
             self._load(state)
             del state
+        self.boundary_rng = ck.rng_state(self.reducer)   # random state at the last step boundary
         env, cfg = self.env, self.cfg
         if env.is_main:
             ck.write_json(self.out / ck.CONFIG, cfg.to_dict())
@@ -135,16 +177,19 @@ class _Run:
                                world_size=env.world_size)
         with self.logger:
             self._log_start()
-            while self.epoch < cfg.epochs and not self.stopped:
-                self._epoch(result)
-            result.global_step, result.epochs_done = self.global_step, self.epoch
-            if self.epoch < cfg.epochs:
-                result.status = "stopped"
-                self.logger.write(event="stopped", step=self.global_step, epoch=self.epoch,
-                                  step_in_epoch=self.step_in_epoch)
-                self._say(f"stopped at step {self.global_step} (max_steps); continue with --resume")
-            else:
-                self._finish(result)
+            try:
+                while self.epoch < cfg.epochs and not self.stopped:
+                    self._epoch(result)
+                result.global_step, result.epochs_done = self.global_step, self.epoch
+                if self.epoch < cfg.epochs:
+                    result.status = "stopped"
+                    self.logger.write(event="stopped", step=self.global_step, epoch=self.epoch,
+                                      step_in_epoch=self.step_in_epoch)
+                    self._say(f"stopped at step {self.global_step} (max_steps); continue with --resume")
+                else:
+                    self._finish(result)
+            except KeyboardInterrupt as exc:
+                raise self._interrupted() from exc
         result.model = self.model.eval()
         barrier(env)
         return result
@@ -156,12 +201,43 @@ class _Run:
                           per_device_batch=cfg.batch_size, accum_steps=self.accum,
                           world_size=env.world_size, steps_per_epoch=self.steps_per_epoch,
                           total_steps=self.total_steps, train_samples=len(self.indices),
-                          reduction=self._reduction(), model=cfg.model)
-        self._say(f"retrain {cfg.model} + {cfg.reduce}: {env.world_size} "
+                          reduction=self._reduction(), model=cfg.model, recipe=cfg.recipe,
+                          checkpoint=cfg.checkpoint, lr=cfg.lr, augment=cfg.augment)
+        self._say(f"retrain {cfg.model} + {cfg.reduce} (recipe {cfg.recipe}; weights "
+                  f"{cfg.checkpoint or 'random'}): {env.world_size} "
                   f"process(es) x batch {cfg.batch_size} x accumulation {self.accum} = "
                   f"effective batch {self.eff_batch}; {len(self.indices)} samples, "
                   f"{cfg.epochs} epoch(s) x {self.steps_per_epoch} steps"
                   + (f", resuming at step {self.global_step}" if self.global_step else ""))
+
+    def _interrupted(self) -> RetrainInterrupted:
+        """Save the state of the last finished step (when not saved yet) and log the interruption."""
+        where: str | None = str(self.out / ck.LAST)
+        try:
+            with deferred_interrupt():
+                self._save_interrupted()
+        except KeyboardInterrupt:   # a second Ctrl-C, held back until the file was written
+            where = str(self.out / ck.LAST) if (self.out / ck.LAST).exists() else None
+        message = (f"interrupted at step {self.global_step} of {self.total_steps} (epoch "
+                   f"{self.epoch + 1}/{self.cfg.epochs}); "
+                   + (f"{where} holds it: to continue, run again with resume=True (on the command "
+                      f"line: the same command plus --resume)" if where else "no checkpoint was written"))
+        self.logger.write(event="interrupted", step=self.global_step, epoch=self.epoch,
+                          step_in_epoch=self.step_in_epoch, checkpoint=where)
+        return RetrainInterrupted(message, where, self.global_step)
+
+    def _save_interrupted(self) -> None:
+        """Write ``last.pth`` at the last finished step unless it holds that step already.
+
+        No collective operation here (the other processes may be gone): rank 0 writes its own
+        random state only, which every process takes on resume (a warning says that the random
+        streams of the other processes then differ from an uninterrupted run)."""
+        if self.saved_step == self.global_step and (self.out / ck.LAST).exists():
+            return
+        if self.env.is_main:
+            ck.save_state(self.out / ck.LAST, self.model.state_dict(), rng=[self.boundary_rng],
+                          **self._state())
+        self.saved_step = self.global_step
 
     def _finish(self, result: RetrainResult) -> None:
         final = self.out / ck.FINAL
@@ -188,16 +264,16 @@ class _Run:
     # ----------------------------------------------------------------------------- set-up
 
     def _check_run_dir(self) -> str:
-        status, error = None, None
+        status, error, kind = None, None, None
         if self.env.is_main:
             try:
                 status = ck.prepare_run_dir(self.out, resume=self.cfg.resume,
                                             overwrite=self.cfg.overwrite)
-            except ck.RunDirError as exc:
-                error = str(exc)
-        status, error = broadcast_object(self.env, (status, error))
+            except (ck.RunDirError, ck.NothingToResume) as exc:
+                error, kind = str(exc), type(exc).__name__
+        status, error, kind = broadcast_object(self.env, (status, error, kind))
         if error:
-            raise ck.RunDirError(error)
+            raise (ck.NothingToResume if kind == "NothingToResume" else ck.RunDirError)(error)
         return status
 
     def _resume_config(self, state: dict[str, Any]) -> RetrainConfig:
@@ -209,7 +285,10 @@ class _Run:
         if changed and self.env.is_main:
             log.warning("resuming %s with its own settings; ignored: %s", self.out, ", ".join(changed))
         for name in RESUME_MUTABLE:
-            setattr(stored, name, getattr(given, name))
+            value = getattr(given, name)
+            if name in ("checkpoint", "pretrained") and not value:
+                continue      # the run keeps the weights it started from (the teacher's too)
+            setattr(stored, name, value)
         return stored
 
     def _build(self) -> None:
@@ -235,15 +314,22 @@ class _Run:
 
     def _open_data(self, img_size: Any, channels: int) -> None:
         cfg = self.cfg
-        if self.train_data is not None:
-            return
-        if not cfg.data:
-            raise ValueError("no training data: pass --data DIR (or train_data=...)")
-        self.train_data, val = open_data(cfg.data, img_size, channels, val=cfg.val_data,
-                                         augment=cfg.augment, rand_augment=cfg.rand_augment,
-                                         eval_limit=cfg.eval_limit)
-        if self.val_data is None:
-            self.val_data = val
+        if self.train_data is None:
+            if not cfg.data:
+                raise ValueError("no training data: pass --data DIR (or train_data=...)")
+            self.train_data, val = open_data(cfg.data, img_size, channels, val=cfg.val_data,
+                                             augment=cfg.augment, rand_augment=cfg.rand_augment,
+                                             eval_limit=cfg.eval_limit)
+            if self.val_data is None:
+                self.val_data = val
+            elif cfg.eval_limit is not None:
+                self.val_data = Subset(self.val_data, subset_evenly(len(self.val_data), cfg.eval_limit))
+        elif self.val_data is not None and cfg.eval_limit is not None:
+            self.val_data = Subset(self.val_data, subset_evenly(len(self.val_data), cfg.eval_limit))
+        if cfg.eval_limit is not None and self.val_data is None:
+            raise ValueError(f"eval_limit ({cfg.eval_limit}) given, but there is no evaluation data"
+                             + (f" ({cfg.data} has no validation split)" if cfg.data else "")
+                             + ": drop it or give val_data (--val-data)")
 
     def _create_model(self, num_classes: int, img_size: Any) -> nn.Module:
         cfg = self.cfg
@@ -374,6 +460,10 @@ class _Run:
                         "differ from an uninterrupted run", state.get("world_size"),
                         self.env.world_size)
         rngs = state["rng"]
+        if len(rngs) != self.env.world_size and self.env.is_main:
+            log.warning("the checkpoint holds the random state of %d process(es) for %d (a run "
+                        "interrupted under torchrun): the random streams differ from an "
+                        "uninterrupted run", len(rngs), self.env.world_size)
         ck.set_rng_state(rngs[self.env.rank % len(rngs)], self.reducer)
         self.saved_step = self.global_step
 
@@ -436,7 +526,13 @@ class _Run:
         return mean_loss
 
     def _optimizer_step(self) -> None:
-        """Unscale, clip, step, zero the gradients; then the schedule, the EMA, the counters."""
+        """Unscale, clip, step, zero the gradients; then the schedule, the EMA, the counters and
+        the random state of the step boundary, all or nothing under Ctrl-C."""
+        with deferred_interrupt():
+            self._update()
+            self.boundary_rng = ck.rng_state(self.reducer)
+
+    def _update(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad:
@@ -525,10 +621,11 @@ class _Run:
                   f"{record['throughput']:.1f} img/s, {elapsed:.1f} s"
                   + (f", eval acc {acc:.4f}" if acc is not None else "")
                   + (f", EMA {acc_ema:.4f}" if acc_ema is not None else ""))
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
-        self._save()
+        with deferred_interrupt():
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+            self._save()
 
     def _eval_due(self) -> bool:
         e = self.cfg.eval_every

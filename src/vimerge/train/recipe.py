@@ -3,6 +3,12 @@
 Defaults follow the R-MeeTo paper (Sec. 4.1 and App. B): AdamW, learning rate cosine-decayed
 per optimizer step from 2e-5 to 1e-6, weight decay 0.05, effective batch 1024 (per-device batch
 x gradient accumulation x world size), 3 epochs; EMA with decay 0.996 as for Vim-B.
+
+That recipe is made for ImageNet. A preset may carry the recipe that suits it
+(``register_model(..., retrain_recipe={...})``; ``vim_fmnist``: one pass, lr 1e-3 cosine to 1e-5,
+batch 64, no augmentation); :func:`recipe_defaults` resolves which one applies and
+:meth:`RetrainConfig.from_recipe` builds a configuration from it (``vimerge retrain`` does, so a
+flag the user gives wins over the recipe, and the recipe over the paper's defaults).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from ..reduce import format_spec, parse_spec
+from ..models import get_preset, pretrained_uri
+from ..reduce import format_spec, parse_spec, stored_spec
 from .loss import DISTILL_TYPES
 
 DEFAULT_WORKERS = min(4, (os.cpu_count() or 2) // 2)  # data loader processes per device
@@ -24,6 +31,7 @@ DEFAULT_WORKERS = min(4, (os.cpu_count() or 2) // 2)  # data loader processes pe
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 AUGMENTS = ("light", "none", "timm")
 CROPS = ("auto", "rrc", "pad", "none")
+RECIPES = ("auto", "paper", "base")    # see recipe_defaults
 
 
 @dataclass
@@ -31,7 +39,9 @@ class RetrainConfig:
     """Everything a re-training run needs; :func:`vimerge.train.retrain` takes one.
 
     Model: ``model`` (registered name), ``checkpoint`` (weights to start from and, with
-    ``distill``, the teacher), ``num_classes`` / ``img_size`` (None: the data's classes / the
+    ``distill``, the teacher), ``pretrained`` (start from the preset's published weights: it
+    sets ``checkpoint`` to :func:`vimerge.models.pretrained_uri`, so that the configuration
+    records where the weights came from), ``num_classes`` / ``img_size`` (None: the data's classes / the
     preset's size), ``model_kwargs`` (other constructor arguments), ``scan_backend``.
     Reduction: ``reduce``, a reduction spec such as ``"rmeeto:r=11"`` or ``"none"`` (see
     :func:`vimerge.reduce.apply`); stored in its canonical spelling.
@@ -39,19 +49,26 @@ class RetrainConfig:
     ``val_data`` ("auto": Fashion-MNIST's test split, or DIR/val next to DIR/train), ``fraction``
     of the training set (Table 8; the subset is drawn with ``data_seed``, default ``seed``).
     Steps: ``batch_size`` per device, ``accum_steps`` (None: the fewest that reach
-    ``effective_batch`` with the world size), ``epochs``, ``max_steps`` (stop after this global
-    optimizer step with a checkpoint, as an interruption would).
+    ``effective_batch`` with the world size; given, it decides and ``effective_batch`` follows),
+    ``epochs``, ``max_steps`` (stop after this global optimizer step with a checkpoint, as an
+    interruption would). Warm-up: ``warmup_steps`` or ``warmup_epochs`` (not both).
     Loss (:mod:`vimerge.train.loss`): cross-entropy with ``label_smoothing`` (soft-target
     cross-entropy under timm's mixup/cutmix). ``distill`` adds a teacher, the loaded model
     *without* reduction (frozen): ``"soft"`` is ``tau**2 * KL(teacher || student)`` on logits
     softened by ``distill_tau``, ``"hard"`` the cross-entropy on the teacher's top class; the
     loss is ``(1 - distill_alpha) * ce + distill_alpha * kd``. The paper re-trains with plain
     cross-entropy, so the default is ``"none"``.
+    Run: ``output`` (the run directory), ``resume`` (``"require"``: continue the run in
+    ``output``, an error (:class:`~vimerge.train.checkpoint.NothingToResume`) when it holds
+    nothing to continue, as ``vimerge retrain --resume``; True: continue it when there is one,
+    else start a new run there with a warning), ``overwrite`` (start over; not with ``resume``). ``recipe`` records where the
+    defaults came from (``"paper"``, ``"base"`` or ``"preset:NAME"``, see :meth:`from_recipe`).
     """
 
     # model and reduction
     model: str = "vim_tiny"
     checkpoint: str | None = None
+    pretrained: bool = False
     num_classes: int | None = None
     img_size: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +120,7 @@ class RetrainConfig:
     seed: int = 0
     device: str = "auto"
     output: str = "runs/retrain"
-    resume: bool = False
+    resume: bool | str = False
     overwrite: bool = False
     save_every: int = 0
     log_every: int = 10
@@ -111,11 +128,22 @@ class RetrainConfig:
     progress: bool = True
     tensorboard: bool | None = None
     dist_backend: str = "auto"
+    recipe: str = "paper"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)            # type: ignore[assignment]
         self.rrc_scale = tuple(self.rrc_scale)    # type: ignore[assignment]
         self.reduce = canonical_spec(self.reduce)
+        if self.pretrained:
+            uri = pretrained_uri(self.model)
+            if uri is None:
+                raise ValueError(f"model {self.model!r} has no published weights: pass "
+                                 f"checkpoint=PATH (--checkpoint) instead of pretrained")
+            if self.checkpoint is None:
+                self.checkpoint = uri
+            elif os.fspath(self.checkpoint) != uri:
+                raise ValueError(f"give checkpoint ({self.checkpoint}) or pretrained (the weights "
+                                 f"of {self.model}, {uri}), not both")
         checks = [
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.distill in DISTILL_TYPES, f"distill must be one of {DISTILL_TYPES}, got {self.distill!r}"),
@@ -129,10 +157,23 @@ class RetrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be in [0, 1]"),
             (self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})"),
+            (not (self.warmup_steps and self.warmup_epochs),
+             f"give warmup_steps ({self.warmup_steps}) or warmup_epochs ({self.warmup_epochs}), not both"),
+            (self.resume in (True, False, "require"),
+             f"resume must be True, False or 'require', got {self.resume!r}"),
+            (not (self.resume and self.overwrite),
+             "resume and overwrite exclude each other: continue the run or start it over"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @classmethod
+    def from_recipe(cls, model: str = "vim_tiny", recipe: str = "auto", **given: Any) -> "RetrainConfig":
+        """The configuration of ``model`` with the defaults of ``recipe`` (see
+        :func:`recipe_defaults`) under the values ``given``; ``recipe`` records which applied."""
+        label, values = recipe_defaults(model, recipe)
+        return cls(model=model, recipe=label, **{**values, **given})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
@@ -145,7 +186,7 @@ class RetrainConfig:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         if "reduce" not in d and ("method" in d or "reduction" in d):
-            values["reduce"] = legacy_spec(d.get("method", "rmeeto"), d.get("reduction"))
+            values["reduce"] = stored_spec({"method": d.get("method", "rmeeto"), "options": d.get("reduction")})
         return cls(**values)
 
 
@@ -156,18 +197,6 @@ def canonical_spec(spec: str) -> str:
     return "none" if name == "none" else format_spec(name, options)
 
 
-def legacy_spec(method: str | None, options: dict[str, Any] | None) -> str:
-    """The spec of an old ``(method, options)`` pair (configurations and checkpoints written
-    before specs). STM's old ``ratio`` (the share of tokens gone after the last block) is the
-    option now called ``final_ratio``."""
-    if not method or method == "none":
-        return "none"
-    options = dict(options or {})
-    if method == "stm" and "ratio" in options and "final_ratio" not in options:
-        options["final_ratio"] = options.pop("ratio")
-    return format_spec(method, options)
-
-
 # Training a base model from scratch (``vimerge train``; the demo's fallback when no base checkpoint
 # exists): the recipe that made the shipped ``vim_fmnist`` weights (89.64% Fashion-MNIST test
 # top-1 after 3 epochs, 24 min on the 2-core development CPU; see assets/vim_fmnist.json).
@@ -176,10 +205,29 @@ BASE_RECIPE: dict[str, Any] = dict(reduce="none", epochs=3, batch_size=128,
                                    augment="none", seed=0)
 
 
+def recipe_defaults(model: str, recipe: str = "auto") -> tuple[str, dict[str, Any]]:
+    """``(label, field values)`` of a re-training recipe for ``model``.
+
+    ``"paper"``: the R-MeeTo paper's ImageNet recipe (the :class:`RetrainConfig` defaults, no
+    values); ``"base"``: :data:`BASE_RECIPE` (training from scratch, ``vimerge train``);
+    ``"auto"``: the preset's ``retrain_recipe`` when it has one (label ``"preset:NAME"``), else
+    the paper's.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "base":
+        return "base", dict(BASE_RECIPE)
+    preset = get_preset(model)
+    if recipe == "auto" and preset.retrain_recipe:
+        return f"preset:{preset.name}", dict(preset.retrain_recipe)
+    return "paper", {}
+
+
 # fields a resumed run may change; everything else comes from the checkpoint's configuration
 RESUME_MUTABLE = ("output", "resume", "overwrite", "workers", "max_steps", "device", "progress",
                   "tensorboard", "save_every", "log_every", "eval_every", "eval_batch_size",
-                  "eval_limit", "dist_backend", "data", "val_data", "checkpoint", "scan_backend")
+                  "eval_limit", "dist_backend", "data", "val_data", "checkpoint", "pretrained",
+                  "scan_backend")
 
 
 # ---------------------------------------------------------------------------------------------
