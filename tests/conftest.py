@@ -29,6 +29,27 @@ def tiny_model():
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models on a shared 2-core machine: a second
+    thread only adds synchronisation; runs compared in a test must use the same count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def easy_data(n: int = 96, seed: int = 0):
+    """3 classes of 16x16 grey images: a bright horizontal band at a class-specific height."""
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
+    for k in range(3):
+        x[y == k, :, 5 * k:5 * k + 5, :] += 1.5
+    return TensorDataset(x, y)
+
+
 def write_fashion_idx(root: Path, count: int, seed: int = 7, split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
     """Write a random Fashion-MNIST split of ``count`` images as gzip IDX files (the Debian
     package's layout) into ``root``; returns (images (count, 28, 28) uint8, labels (count,))."""

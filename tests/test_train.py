@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import TensorDataset
 
+from conftest import easy_data
 from vimerge import token_counts
 from vimerge.measure.evaluate import evaluate
 from vimerge.models import create_model
@@ -20,27 +20,13 @@ from vimerge.train import (BASE_RECIPE, EMA, CosineSchedule, LightAugment, NonFi
                            resolve_accum, retrain)
 from vimerge.train.data import epoch_order, subset_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(depth=2, embed_dim=16, patch_size=4, stride=4, in_chans=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: one thread is much faster than two contended ones, and every run
-    # compared in a test must use the same thread count
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-def easy_data(n=96, seed=0):
-    """3 classes of 16x16 grey images: a bright horizontal band at a class-specific height."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
-    for k in range(3):
-        x[y == k, :, 5 * k:5 * k + 5, :] += 1.5
-    return TensorDataset(x, y)
 
 
 def tiny_config(out, **kw):

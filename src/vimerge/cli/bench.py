@@ -20,7 +20,8 @@ from vimerge.measure.bench import DTYPES, measure, warm_up
 from vimerge.measure.flops import model_cost
 from vimerge.reduce import NONE, apply, parse_spec
 
-from .common import CommandError, build_model, device_arg, given_options, merge_options, reduction_spec
+from .common import (CommandError, build_model, device_arg, given_options, merge_options, positive_int,
+                     reduction_spec)
 
 DEFAULT_RATIOS = (0.0, 0.14, 0.28, 0.31, 0.42, 0.54)   # R-MeeTo Table 12
 
@@ -43,23 +44,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratios", type=_ratios, default=None,
                    help="comma-separated mean-token reduction ratios, 0 = unreduced (default: "
                         f"{','.join(f'{r:g}' for r in DEFAULT_RATIOS)}, less those the model cannot reach)")
-    g.add_argument("--batch-size", type=_positive, default=8, help="images per forward")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="images per forward")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
     g.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, cuda, cuda:N (default: auto: cuda when available)")
     g.add_argument("--warmup", type=int, default=1, help="untimed forwards before each row's timing")
-    g.add_argument("--repeats", type=_positive, default=5, help="timed forwards per row (median, min-max)")
+    g.add_argument("--repeats", type=positive_int, default=5, help="timed forwards per row (median, min-max)")
     g.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _reachable(model, spec: str) -> str | None:

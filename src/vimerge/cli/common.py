@@ -29,10 +29,15 @@ class CommandError(ValueError):
     """A usage mistake the command line reports in one line (exit 2)."""
 
 
-def fail(command: str, message: str) -> int:
-    """Print ``vimerge COMMAND: error: MESSAGE`` on stderr; returns the exit status 2."""
-    print(f"vimerge {command}: error: {message}", file=sys.stderr)
-    return 2
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the bad value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 # ------------------------------------------------------------------------------------ shared types

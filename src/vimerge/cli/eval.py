@@ -33,23 +33,13 @@ from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
 from vimerge.reduce import apply, parse_spec, spec_of
 
-from .common import (CommandError, build_model, device_arg, floats, given_options, parse_sweep, reduction_spec,
-                     writable_path)
+from .common import (CommandError, build_model, device_arg, floats, given_options, parse_sweep, positive_int,
+                     reduction_spec, writable_path)
 
 log = logging.getLogger(__name__)
 
 HELP = ("top-1/top-5 accuracy and loss on an ImageFolder directory or Fashion-MNIST; --sweep for "
         "several reductions")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -66,10 +56,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", choices=["test", "train"], default="test",
                    help="Fashion-MNIST split, or the split folder of an ImageFolder root holding "
                         "train/ and val/ (test: val/) (default: test)")
-    g.add_argument("--limit", type=_positive, default=None, metavar="N",
+    g.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="evaluate N images: Fashion-MNIST's first N, or N spread evenly over the "
                         "ImageFolder's sorted list (every class represented) (default: all)")
-    g.add_argument("--batch-size", type=_positive, default=64, help="images per batch (default: 64)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 0 for Fashion-MNIST, "
                         "min(8, CPUs - 1) for image files)")

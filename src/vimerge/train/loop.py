@@ -155,7 +155,7 @@ class _Run:
                                  final_checkpoint=str(self.out / ck.FINAL))
         state = None
         if status == "fresh" and self.cfg.resume and self.env.is_main:
-            log.warning("nothing to resume in %s: starting a new run there", self.out)
+            log.info("nothing to resume in %s: starting a new run there", self.out)   # resume=True: as documented
         if status == "resume":
             state = ck.load_state(self.out / ck.LAST)
             self.cfg = self._resume_config(state)
