@@ -17,8 +17,8 @@ from vimerge.cli import build_parser, main
 from vimerge.cli import retrain as cli_retrain
 from vimerge.data import ImageFolder, Skipped
 from vimerge.models import create_model, get_preset, pretrained_uri
-from vimerge.train import (BASE_RECIPE, NothingToResume, RetrainConfig, RetrainInterrupted, recipe_defaults,
-                           retrain)
+from vimerge.train import (BASE_RECIPE, NothingToResume, RetrainConfig, RetrainInterrupted, RunDirError,
+                           recipe_defaults, retrain)
 from vimerge.train import distributed
 from vimerge.train import loop as train_loop
 from vimerge.train.data import collate_train, open_data
@@ -142,7 +142,8 @@ def test_every_recipe_option_reaches_the_configuration():
     (["--augment", "none", "--hflip", "0.3"], "--hflip acts only with augmentation"),
     (["--accum", "2", "--effective-batch", "64"], "--accum and --effective-batch"),
     (["--warmup-steps", "2", "--warmup-epochs", "0.5"], "--warmup-steps and --warmup-epochs"),
-    (["--val-data", "none", "--eval-limit", "5"], "--eval-limit acts only with evaluation data"),
+    (["--val-data", "none", "--eval-limit", "5"], "--limit acts only with evaluation data"),
+    (["--val-data", "none", "--limit", "5"], "--limit acts only with evaluation data"),
     (["--resume", "--overwrite"], "--resume continues"),
     (["--pretrained", "--checkpoint", "w.pth"], "not both"),
 ])
@@ -396,3 +397,17 @@ def test_eval_limit_acts_on_given_evaluation_data_or_is_refused(tmp_path):
     assert result.eval_acc is not None and result.eval_acc * 5 == pytest.approx(round(result.eval_acc * 5))
     with pytest.raises(ValueError, match="no evaluation data"):
         retrain(tiny_config(tmp_path / "b", epochs=1, eval_limit=5), train_data=easy_data(16))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 14: errors raised from the Python API name the Python argument (and the flag)
+
+
+def test_library_errors_name_the_python_argument(tmp_path):
+    retrain(tiny_config(tmp_path / "run", epochs=1), train_data=easy_data(16))
+    with pytest.raises(RunDirError, match=r"overwrite=True \(--overwrite\)"):
+        retrain(tiny_config(tmp_path / "run", epochs=1), train_data=easy_data(16))
+    with pytest.raises(ValueError, match=r"effective_batch= / batch_size= \(--effective-batch / --batch-size\)"):
+        retrain(tiny_config(tmp_path / "big", epochs=1, batch_size=64, effective_batch=64), train_data=easy_data(16))
+    with pytest.raises(ValueError, match=r"data=DIR \(--data DIR\) or train_data="):
+        retrain(tiny_config(tmp_path / "nodata", epochs=1))

@@ -31,7 +31,7 @@ from vimerge.train import NonFiniteLossError, RetrainConfig, RetrainInterrupted,
 from vimerge.train.recipe import BASE_RECIPE, DEFAULT_WORKERS, RECIPES
 
 from . import common
-from .common import CommandError, model_overrides, reduction_spec
+from .common import CommandError, model_overrides, positive_int, reduction_spec
 
 HELP = "re-train a token-reduced model (R-MeeTo recipe); also under torchrun for several GPUs/nodes"
 
@@ -107,8 +107,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int, default=None, help="seed of the subset (default --train-seed)")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"data loader processes per device (default: {DEFAULT_WORKERS}, half the CPUs, at most 4)")
-    g.add_argument("--eval-limit", type=int, default=None,
-                   help="evaluate on at most this many images (needs evaluation data)")
+    g.add_argument("--limit", "--eval-limit", dest="eval_limit", type=positive_int, default=None, metavar="N",
+                   help="evaluate on at most N images (needs evaluation data), as eval's --limit")
 
     g = p.add_argument_group(
         "recipe", "left out, an option takes the recipe's value (--recipe): the preset's re-training "
@@ -187,7 +187,7 @@ def check_options(args: argparse.Namespace, given: dict[str, Any], config: Retra
             needs(field, False, "with --augment light (with --augment timm on an image folder the crops "
                   "and flips are timm's)")
     if args.eval_limit is not None and config.val_data is None:
-        raise CommandError("--eval-limit acts only with evaluation data; drop it or drop --val-data none")
+        raise CommandError("--limit acts only with evaluation data; drop it or drop --val-data none")
 
 
 def model_of(args: argparse.Namespace) -> str:
@@ -198,7 +198,7 @@ def model_of(args: argparse.Namespace) -> str:
         if isinstance(arch, dict) and arch.get("name"):
             args.model = str(arch["name"])
     if args.model is None:
-        args.model = getattr(common, "DEFAULT_MODEL", "vim_tiny")
+        args.model = common.DEFAULT_MODEL
     return get_preset(args.model).name   # an unknown name fails here, listing the known ones
 
 

@@ -97,7 +97,7 @@ def open_dataset(root: str | os.PathLike | None, *, kind: str = "auto", img_size
                 stats[name] = values[0]
         return FashionMNIST(root, split, img_size=img_size, channels=channels, limit=limit, **stats)
     if root is None:
-        raise DatasetError("an ImageFolder dataset needs a directory (--data DIR)")
+        raise DatasetError("an ImageFolder dataset needs a directory: root=DIR (--data DIR)")
     transform = EvalTransform(img_size, channels=channels, mean=mean, std=std, crop_pct=crop_pct,
                               interpolation=interpolation)
     return ImageFolder(root, transform, limit=limit)

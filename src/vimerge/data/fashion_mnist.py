@@ -43,7 +43,7 @@ FILES = {
 IMAGES_MAGIC = 0x00000803  # 2051: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # 2049: unsigned bytes, 1 dimension
 FIX = ("fix: apt-get install -y dataset-fashion-mnist (installs " + DEFAULT_ROOT + "/), or pass "
-       "--data DIR holding the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+       "the directory (root=DIR, --data DIR) holding the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may be .gz)")
 
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),

@@ -136,7 +136,7 @@ def require_timm():
         import timm.data
     except ImportError as exc:
         raise ImportError("augment='timm' (RandAugment, mixup/cutmix, random erasing) needs timm "
-                          "and torchvision: pip install timm; or use --augment light") from exc
+                          "and torchvision: pip install timm; or use augment='light' (--augment light)") from exc
     return timm
 
 

@@ -55,8 +55,8 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: bool | str, overwrite: bo
     if resume == "require" and not overwrite and not final.exists() and not last.exists():
         where = ("does not exist" if not out.exists() else
                  f"holds no {LAST} (nothing was saved)" if out.is_dir() else "is not a directory")
-        raise NothingToResume(f"nothing to resume: {out} {where}; check --output, or drop "
-                              f"--resume to start a new run there")
+        raise NothingToResume(f"nothing to resume: {out} {where}; check output= (--output), or drop "
+                              f"resume (--resume) to start a new run there")
     if overwrite:
         for name in RUN_FILES:
             p = out / name
@@ -67,11 +67,11 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: bool | str, overwrite: bo
     elif final.exists():
         if resume:
             return "finished"
-        raise RunDirError(f"{out} already holds a finished run ({final}); pass --overwrite to "
-                          f"replace it or choose another --output")
+        raise RunDirError(f"{out} already holds a finished run ({final}); pass overwrite=True "
+                          f"(--overwrite) to replace it or choose another output= (--output)")
     elif last.exists() and not resume:
-        raise RunDirError(f"{out} holds an unfinished run ({last}); pass --resume to continue it "
-                          f"or --overwrite to start over")
+        raise RunDirError(f"{out} holds an unfinished run ({last}); pass resume=True (--resume) to "
+                          f"continue it or overwrite=True (--overwrite) to start over")
     out.mkdir(parents=True, exist_ok=True)
     return "resume" if resume and last.exists() else "fresh"
 

@@ -32,7 +32,7 @@ class RunLog:
             except ImportError:
                 if tensorboard:
                     self.close()
-                    raise ImportError("--tensorboard needs the tensorboard package: "
+                    raise ImportError("tensorboard=True (--tensorboard) needs the tensorboard package: "
                                       "pip install tensorboard") from None
 
     def write(self, **record: Any) -> None:

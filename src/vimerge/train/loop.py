@@ -316,7 +316,7 @@ class _Run:
         cfg = self.cfg
         if self.train_data is None:
             if not cfg.data:
-                raise ValueError("no training data: pass --data DIR (or train_data=...)")
+                raise ValueError("no training data: give data=DIR (--data DIR) or train_data=...")
             self.train_data, val = open_data(cfg.data, img_size, channels, val=cfg.val_data,
                                              augment=cfg.augment, rand_augment=cfg.rand_augment,
                                              eval_limit=cfg.eval_limit)
@@ -329,7 +329,7 @@ class _Run:
         if cfg.eval_limit is not None and self.val_data is None:
             raise ValueError(f"eval_limit ({cfg.eval_limit}) given, but there is no evaluation data"
                              + (f" ({cfg.data} has no validation split)" if cfg.data else "")
-                             + ": drop it or give val_data (--val-data)")
+                             + ": drop it or give val_data= (--val-data)")
 
     def _create_model(self, num_classes: int, img_size: Any) -> nn.Module:
         cfg = self.cfg
@@ -393,7 +393,8 @@ class _Run:
             raise ValueError(f"{len(self.indices)} training samples make no full optimizer step "
                              f"of the effective batch {self.eff_batch} (= {cfg.batch_size} per "
                              f"device x {self.accum} accumulation x {w} processes); lower "
-                             f"--effective-batch / --batch-size or raise --fraction")
+                             f"effective_batch= / batch_size= (--effective-batch / --batch-size) or raise "
+                             f"fraction= (--fraction)")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
         self.schedule = CosineSchedule(self.optimizer, self.total_steps, cfg.lr, cfg.min_lr,
@@ -551,7 +552,8 @@ class _Run:
 
     def _nonfinite(self, loss_value: float) -> None:
         where = (f"the last good checkpoint, {self.out / ck.LAST} (step {self.saved_step}), is "
-                 f"kept: continue with --resume, e.g. with a lower --lr or with --clip-grad"
+                 f"kept: continue with resume=True (--resume), e.g. with a lower lr= (--lr) or with "
+                 f"clip_grad= (--clip-grad)"
                  if self.saved_step is not None else "no checkpoint was written yet")
         message = (f"training loss is {loss_value} at epoch {self.epoch + 1}, update "
                    f"{self.global_step + 1} (lr {self.schedule.get_lr():.3g}); stopped; {where}")
