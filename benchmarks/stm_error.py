@@ -1,6 +1,6 @@
 """How far token reduction moves a trained Vim's class-token features, at equal token budgets.
 
-For STM ratios 0.15, 0.2, 0.3 and 0.4 the script compares, training-free:
+For STM final ratios (STM's own setting) 0.15, 0.2, 0.3 and 0.4 the script compares, training-free:
 
 * prune    -- R-MeeTo's bipartite selection, selected tokens dropped,
 * rmeeto   -- R-MeeTo merging (size-weighted average),
@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 
 import vimerge
-import vimerge.reduce.stm  # registers "stm"
-from vimerge.reduce.rmeeto import MergePlan, merge_state
 from vimerge.reduce.stm import STM, default_per_side
+from vimerge.tokens import MergePlan, merge_state
 
 MEAN, STD = 0.2860, 0.3530
 MODEL = dict(img_size=28, patch_size=4, stride=4, in_chans=1, depth=8, embed_dim=96, num_classes=10)
@@ -161,18 +160,18 @@ def main() -> None:
     print("|---|---|---|---|")
     print(row("unreduced", 0.0, full, full, model, y))
     for ratio in args.ratios:
-        stm = STM(ratio=ratio)
+        stm = STM(final_ratio=ratio)      # STM's own setting: the share of tokens gone at the end
         target = stm.reduction_ratio(n, depth)
         r = vimerge.r_for_ratio(target, n, depth)
         rm_ratio = vimerge.reduction_ratio(r, n, depth)
-        print(f"| **STM ratio {ratio}** (per side {stm.per_side or default_per_side(ratio)}, "
+        print(f"| **STM final_ratio {ratio}** (per side {stm.per_side or default_per_side(ratio)}, "
               f"{stm.token_counts(n, depth)[-1]} tokens at the end; R-MeeTo r={r}) | | | |")
         for name, method, opts, mt in (("prune", "prune", dict(r=r), rm_ratio),
                                        ("rmeeto", "rmeeto", dict(r=r), rm_ratio),
-                                       ("bnnm", "stm", dict(ratio=ratio, hsp=False), target),
-                                       ("bnnm+hsp", "stm", dict(ratio=ratio), target),
-                                       ("bnnm+hsp(decay)", "stm", dict(ratio=ratio, collapse="decay"), target),
-                                       ("bnnm-drop", BNNMDrop(ratio=ratio, hsp=False), {}, target)):
+                                       ("bnnm", "stm", dict(final_ratio=ratio, hsp=False), target),
+                                       ("bnnm+hsp", "stm", dict(final_ratio=ratio), target),
+                                       ("bnnm+hsp(decay)", "stm", dict(final_ratio=ratio, collapse="decay"), target),
+                                       ("bnnm-drop", BNNMDrop(final_ratio=ratio, hsp=False), {}, target)):
             vimerge.apply(model, method, **opts)
             print(row(name, mt, features(model, x), full, model, y), flush=True)
             vimerge.remove(model)
