@@ -226,3 +226,25 @@ def test_eval_reads_the_val_split_of_a_dataset_root(capsys, tmp_path):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["classes"] == 2 and out["images"] == 4 and out["data"].endswith("val")
+
+
+def test_retrain_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["retrain", *FMNIST_SMALL, "--device", "cuda", "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--device cpu" in err
+
+
+def test_bench_takes_stm_settings_and_sets_the_amount_itself(capsys, monkeypatch):
+    args = build_parser().parse_args(["bench", *FMNIST_SMALL, "--reduce", "stm:final_ratio=0.2,hsp=false",
+                                      "--ratios", "0,0.2"])
+    assert row_specs(args) == ["none", "stm:hsp=false,ratio=0.2"]
+    assert main(["bench", *FMNIST_SMALL, "--method", "stm", "--final-ratio", "0.2", "--ratios", "0,0.2"]) == 2
+    assert "drop --r/--ratio/--final-ratio" in capsys.readouterr().err
+
+
+def test_pretrained_without_model_uses_the_default_model(capsys):
+    main(["flops", "--pretrained"])                  # vim_tiny's hub weights: offline here, or loaded
+    err = capsys.readouterr().err
+    assert "model None" not in err

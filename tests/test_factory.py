@@ -3,13 +3,15 @@
 
 import json
 import logging
+import warnings
 
 import pytest
 import torch
 
 import vimerge
 from conftest import write_fashion_idx
-from vimerge.cli import main
+from vimerge.cli import build_parser, main
+from vimerge.cli.retrain import config_from_args
 
 ARCH = {"name": "vim_fmnist", "kwargs": {"depth": 3, "embed_dim": 16, "num_classes": 10, "img_size": [28, 28]}}
 
@@ -75,3 +77,43 @@ def test_commands_use_the_recorded_reduction(tmp_path, capsys, verb):
     assert out["reduce"] == "rmeeto:r=6,interval=1" and out["token_counts"] == [50, 44, 38]
     assert main([verb, "--checkpoint", str(path), "--json", "--reduce", "none", *extra]) == 0
     assert json.loads(capsys.readouterr().out)["token_counts"] == [50, 50, 50]
+
+
+def test_safetensors_keep_the_recorded_model_and_reduction(tmp_path):
+    pytest.importorskip("safetensors")
+    model = vimerge.models.create_model("vim_fmnist", depth=3, embed_dim=16)
+    path = vimerge.save_checkpoint(model, tmp_path / "w.safetensors", arch=ARCH, reduction="prune:r=3,interval=1")
+    again = vimerge.create_model(checkpoint=path)
+    assert again.depth == 3 and vimerge.reduce.spec_of(again.reduction) == "prune:r=3,interval=1"
+
+
+def test_fallback_and_pretrained_without_a_name():
+    model = vimerge.create_model(pretrained=True, fallback="vim_fmnist")      # the shipped weights
+    assert model.preset_name == "vim_fmnist" and model.reduction is None
+
+
+def test_ema_weights_flag_and_argument(tmp_path, capsys):
+    model = vimerge.models.create_model("vim_fmnist", depth=2, embed_dim=16)
+    online = model.state_dict()
+    averaged = {k: v + 1.0 if v.is_floating_point() else v for k, v in online.items()}
+    path = tmp_path / "both.pth"
+    torch.save({"state_dict": online, "state_dict_ema": averaged}, path)
+    ema = vimerge.create_model("vim_fmnist", depth=2, embed_dim=16, checkpoint=path, ema=True)
+    assert torch.equal(ema.state_dict()["norm_f.weight"], averaged["norm_f.weight"])
+    common = ["flops", "--model", "vim_fmnist", "--set", "depth=2", "--set", "embed_dim=16", "--checkpoint", str(path)]
+    with pytest.warns(UserWarning, match="--ema-weights"):   # the warning names the flag
+        assert main(common) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*common, "--ema-weights"]) == 0
+
+
+def test_retrain_starts_from_what_the_checkpoint_records(tmp_path):
+    path, _ = retrained(tmp_path)
+    args = build_parser().parse_args(["retrain", "--checkpoint", str(path), "--data", str(tmp_path), "-o",
+                                      str(tmp_path / "run")])
+    config = config_from_args(args)
+    assert config.model == "vim_fmnist" and config.model_kwargs["depth"] == 3 and config.reduce == "rmeeto:r=6,interval=1"
+    args = build_parser().parse_args(["retrain", "--checkpoint", str(path), "--data", str(tmp_path), "--reduce", "none",
+                                      "--set", "depth=3", "-o", str(tmp_path / "run")])
+    assert config_from_args(args).reduce == "none"

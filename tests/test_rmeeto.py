@@ -238,3 +238,39 @@ def test_shuffle_ratio_permutes_only_non_class_positions():
     assert torch.equal(full.residual, full.hidden + 100)            # streams move together
     half = shuffle_tokens(state, 0.5, g).hidden.flatten().tolist()   # 4 of the 8 positions move
     assert half[4] == 4 and sum(a != b for a, b in zip(half, range(9))) <= 4
+
+
+# --------------------------------------------------------------------------------- specs
+@pytest.mark.parametrize("spec, message", [
+    ("stm:per_side=1.5", "per_side takes int or None, got 1.5"),
+    ("rmeeto:seed=1.5", "seed takes int or None"),
+    ("rmeeto:kth=true", "kth takes int, got True"),
+    ("rmeeto:ordered=1", "ordered takes bool, got 1"),
+    ("rmeeto:r=[0,2.5]", "r takes"),
+    ("prune:distance=3", "distance takes str"),
+])
+def test_spec_values_are_type_checked(spec, message):
+    with pytest.raises(ValueError, match=message):
+        vimerge.reduce.build(spec)
+
+
+def test_an_int_is_a_float_option_and_specs_round_trip():
+    assert vimerge.reduce.spec_of(vimerge.reduce.build("stm:ratio=0")) == "stm:ratio=0.0"
+    for spec in ("rmeeto:r=[0,2,2,2,2,2],interval=1", "prune:ratio=0.3,distance=l1", "rmeeto:ordered=false,r=4",
+                 "stm:final_ratio=0.56,per_side=2,hsp=false", "rmeeto"):
+        once = vimerge.reduce.spec_of(vimerge.reduce.build(spec))
+        assert vimerge.reduce.spec_of(vimerge.reduce.build(once)) == once
+
+
+def test_r_and_ratio_set_at_run_time_conflict_with_a_message():
+    model = tiny_model()
+    reducer = vimerge.apply(model, "rmeeto", ratio=0.2)
+    reducer.r = 8                                    # both set: say so instead of ignoring r
+    with pytest.raises(ValueError, match="r=8 and ratio=0.2; set the other one to None"):
+        vimerge.token_counts(model)
+    reducer.ratio = None
+    assert vimerge.token_counts(model) == [65, 65, 57, 57, 49, 49]
+    fresh = vimerge.apply(model, "rmeeto")           # no amount: r stays None and means 0
+    assert fresh.r is None and vimerge.reduce.spec_of(fresh) == "rmeeto"
+    fresh.ratio = 0.2                                # setting the ratio alone works
+    assert vimerge.token_counts(model) != [65] * 6

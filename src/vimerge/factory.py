@@ -48,6 +48,8 @@ def create_model(name: str | None = None, *, checkpoint: str | os.PathLike | Non
         ValueError: no name and no recorded preset, an unknown name, or a bad spec.
         CheckpointError: the weights cannot be read or do not fit.
     """
+    if name is None and checkpoint is None:
+        name = fallback
     if checkpoint is None and pretrained:
         if name is None or pretrained_uri(name) is None:
             raise ValueError(f"model {name!r} has no published weights; pass checkpoint=PATH")

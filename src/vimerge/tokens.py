@@ -18,7 +18,7 @@ lives here, so that the two never import each other:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Collection, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -68,7 +68,6 @@ class TokenState:
     cls_index: int
     source: Tensor | None = None
     layer: int = 0
-    extras: dict = field(default_factory=dict)
 
     @classmethod
     def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False) -> "TokenState":
@@ -85,8 +84,7 @@ class TokenState:
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed (the tensors are shared, not copied)."""
         fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
-                      cls_index=self.cls_index, source=self.source, layer=self.layer,
-                      extras=self.extras)
+                      cls_index=self.cls_index, source=self.source, layer=self.layer)
         fields.update(changes)
         return TokenState(**fields)
 
@@ -241,12 +239,20 @@ class TokenModel(Protocol):
         cls_index: the class token's position after the embedding.
         embed_dim: token width E.
         reduction: the installed :class:`Reducer`, or None.
+        in_chans, img_size: the input (B, in_chans, *img_size); grid_size: the patch grid
+            (rows, columns); num_classes: the head's outputs.
     """
     num_tokens: int
     depth: int
     cls_index: int
     embed_dim: int
     reduction: "Reducer | None"
+    # what the layers above reductions also read (measure, data, viz, train, cli): the input
+    # geometry, the head size and the patch grid of the tokens after the class token
+    in_chans: int
+    img_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    num_classes: int
 
     def record_blocks(self, layers: Collection[int]) -> None:
         """Record :class:`BlockRecord` s in the next forwards of exactly these blocks (empty: none)."""

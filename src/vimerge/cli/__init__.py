@@ -11,9 +11,11 @@ Nothing in the library imports this package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import warnings
 from types import ModuleType
 
 from vimerge._version import __version__
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        status = args.func(args)
+        with _warnings_as_lines():
+            status = args.func(args)
         sys.stdout.flush()      # a closed pipe shows here, not in the interpreter's exit
         return status
     except BrokenPipeError:
@@ -113,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vimerge {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """The library's warnings as one line each on stderr, without source lines (restored after)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"vimerge: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def _quiet_stdout() -> None:

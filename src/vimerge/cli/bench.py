@@ -25,6 +25,8 @@ from .common import (CommandError, build_model, device_arg, given_options, merge
 
 DEFAULT_RATIOS = (0.0, 0.14, 0.28, 0.31, 0.42, 0.54)   # R-MeeTo Table 12
 
+AMOUNTS = ("r", "ratio", "final_ratio")   # options that set how much is reduced: --ratios does here
+
 HELP = "images/s, speed-up, FLOPs and peak memory at several reduction ratios (R-MeeTo Table 12 on this machine)"
 
 
@@ -73,15 +75,15 @@ def row_specs(args: argparse.Namespace, model=None) -> list[str]:
     ``args.ratios`` to the ratios kept.
     """
     flags = given_options(args)
-    if "r" in flags or "ratio" in flags:
-        raise CommandError("bench sets the amount from --ratios: drop --r/--ratio")
+    if any(k in flags for k in AMOUNTS):
+        raise CommandError("bench sets the amount from --ratios: drop --r/--ratio/--final-ratio")
     if args.reduce is None and args.method is None:
         name, options = "rmeeto", {}
     else:
         name, options = parse_spec(reduction_spec(args))
     if name == NONE:
         raise CommandError("bench compares reductions: give --method or --reduce (default: rmeeto)")
-    options = {k: v for k, v in options.items() if k not in ("r", "ratio")}
+    options = {k: v for k, v in options.items() if k not in AMOUNTS}
     given = args.ratios is not None
     ratios = list(args.ratios) if given else list(DEFAULT_RATIOS)
     specs = [NONE if ratio == 0 else merge_options(name, {**options, "ratio": ratio}, flags) for ratio in ratios]

@@ -117,6 +117,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="weights: official .pth, plain state dict, .safetensors or hf://")
     g.add_argument("--pretrained", action="store_true",
                    help="load the preset's published weights (shipped for vim_fmnist; hub for the ImageNet Vims)")
+    g.add_argument("--ema-weights", dest="ema_weights", action="store_true", default=None,
+                   help="load the averaged (EMA/SWA) weights of a checkpoint that holds online and averaged ones "
+                        "(default: the online ones, with a warning)")
     g.add_argument("--num-classes", type=int, default=None, help="head size (default: the preset's)")
     g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
     g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
@@ -165,6 +168,7 @@ def build_model(args: argparse.Namespace, spec: str | None = None) -> torch.nn.M
     if args.model is not None:
         get_preset(args.model)   # an unknown name fails here, listing the known ones
     model = create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         ema=getattr(args, "ema_weights", None),
                          reduce=reduction_spec(args, default=None) if spec is None else spec,
                          fallback=DEFAULT_MODEL, scan_backend=args.scan_backend, **model_overrides(args))
     args.model = model.preset_name
@@ -283,13 +287,8 @@ def reduction_spec(args: argparse.Namespace, default: str | None = NONE) -> str 
         name = method or ("rmeeto" if ("r" in flags or "ratio" in flags) else NONE)
         options = {}
     result = merge_options(name, options, flags)
-    apply_check(result)
+    build(result)      # a bad option fails here, before any work starts
     return result
-
-
-def apply_check(spec: str) -> None:
-    """Build the reducer once so that a bad option fails before any work starts."""
-    build(spec)
 
 
 def parse_sweep(text: str, flags: dict[str, Any] | None = None) -> list[str]:
@@ -329,7 +328,7 @@ def parse_sweep(text: str, flags: dict[str, Any] | None = None) -> list[str]:
     if unused:
         raise CommandError(f"--sweep: {_flag_names(unused)} is an option of no row's method")
     for spec in rows:
-        apply_check(spec)
+        build(spec)
     return rows
 
 

@@ -14,7 +14,6 @@ from vimerge.ops import available_backends, resolve_backend
 from vimerge.reduce import list_methods
 
 HELP = "versions, scan backends usable here, registered models and reduction methods"
-NEEDS_MODEL = False
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

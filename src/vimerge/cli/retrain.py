@@ -27,11 +27,12 @@ from typing import Any
 
 from vimerge.data import detect_kind
 from vimerge.models import get_preset, list_models, read_checkpoint
+from vimerge.reduce import stored_spec
 from vimerge.train import NonFiniteLossError, RetrainConfig, RetrainInterrupted, RunDirError, retrain
 from vimerge.train.recipe import BASE_RECIPE, DEFAULT_WORKERS, RECIPES
 
 from . import common
-from .common import CommandError, model_overrides, positive_int, reduction_spec
+from .common import CommandError, device_arg, model_overrides, positive_int, reduction_spec
 
 HELP = "re-train a token-reduced model (R-MeeTo recipe); also under torchrun for several GPUs/nodes"
 
@@ -130,7 +131,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in RUN_DIR (an error when it holds nothing to continue)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in RUN_DIR (not with --resume)")
     g.add_argument("--train-seed", type=int, default=0, help="seed of data order, augmentation, init")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
     g.add_argument("--max-steps", type=int, default=None,
@@ -161,8 +162,9 @@ def check_exclusive(args: argparse.Namespace, given: dict[str, Any]) -> None:
         raise CommandError("--resume continues the run in RUN_DIR and --overwrite starts it over; give one")
     if args.pretrained and args.checkpoint:
         raise CommandError("give --checkpoint PATH or --pretrained (the preset's published weights), not both")
-    if args.pretrained and get_preset(args.model).pretrained is None:
-        raise CommandError(f"model {args.model!r} has no published weights; pass --checkpoint PATH")
+    if args.pretrained and get_preset(args.model or common.DEFAULT_MODEL).pretrained is None:
+        raise CommandError(f"model {args.model or common.DEFAULT_MODEL!r} has no published weights; pass "
+                           f"--checkpoint PATH")
 
 
 def check_options(args: argparse.Namespace, given: dict[str, Any], config: RetrainConfig) -> None:
@@ -190,32 +192,35 @@ def check_options(args: argparse.Namespace, given: dict[str, Any], config: Retra
         raise CommandError("--limit acts only with evaluation data; drop it or drop --val-data none")
 
 
-def model_of(args: argparse.Namespace) -> str:
-    """``--model``, else the model ``--checkpoint`` records (written by retrain/train), else the
-    command line's default model."""
-    if args.model is None and args.checkpoint:
-        arch = read_checkpoint(args.checkpoint)[1].get("arch")
-        if isinstance(arch, dict) and arch.get("name"):
-            args.model = str(arch["name"])
-    if args.model is None:
-        args.model = common.DEFAULT_MODEL
-    return get_preset(args.model).name   # an unknown name fails here, listing the known ones
+def recorded(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
+    """(preset, constructor arguments, reduction spec) the run starts from: ``--model``, ``--set``
+    and the reduction options where given, else what ``--checkpoint`` records (weights written by
+    vimerge retrain/train come back as they were trained, as in every command), else the command
+    line's default model, its preset arguments and no reduction."""
+    meta = read_checkpoint(args.checkpoint)[1] if args.checkpoint else {}
+    arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    name = get_preset(args.model or arch.get("name") or common.DEFAULT_MODEL).name
+    args.model = name
+    kwargs = model_overrides(args)
+    if arch.get("name") and get_preset(arch["name"]).name == name:
+        kwargs = {**dict(arch.get("kwargs") or {}), **kwargs}
+    spec = reduction_spec(args, default=None)
+    return name, kwargs, stored_spec(meta.get("reduction")) if spec is None else spec
 
 
 def config_from_args(args: argparse.Namespace) -> RetrainConfig:
     """The :class:`~vimerge.train.RetrainConfig` of parsed ``vimerge retrain`` arguments: the
     recipe's values (``--recipe``) under the options given."""
-    model_of(args)
-    model_kwargs = model_overrides(args)
-    num_classes = model_kwargs.pop("num_classes", None)
-    img_size = model_kwargs.pop("img_size", None)
     given = given_recipe_options(args)
     check_exclusive(args, given)
+    name, model_kwargs, spec = recorded(args)
+    num_classes = model_kwargs.pop("num_classes", None)
+    img_size = model_kwargs.pop("img_size", None)
     config = RetrainConfig.from_recipe(
-        args.model, args.recipe, **given,
+        name, args.recipe, **given,
         checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=num_classes,
         img_size=img_size, model_kwargs=model_kwargs, scan_backend=args.scan_backend,
-        reduce=reduction_spec(args), data=args.data,
+        reduce=spec, data=args.data,
         val_data=None if args.val_data in ("none", "") else args.val_data,
         fraction=args.fraction, data_seed=args.data_seed, workers=args.workers,
         eval_limit=args.eval_limit, max_steps=args.max_steps,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -171,14 +172,27 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
 
 
-def _read_safetensors(path: Path, name: str) -> dict[str, Tensor]:
+def _read_safetensors(path: Path, name: str) -> dict[str, Any]:
+    """The tensors of a safetensors file, with its string metadata beside them at the top
+    level (JSON values decoded, as :func:`save_checkpoint` writes them), like the extra entries
+    of a ``.pth``."""
     try:
+        from safetensors import safe_open
         from safetensors.torch import load_file
     except ImportError as exc:
         raise CheckpointError(f"reading {name!r} needs the safetensors package: "
                               f"pip install safetensors") from exc
     try:
-        return load_file(str(path), device="cpu")
+        tensors: dict[str, Any] = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        for key, text in metadata.items():
+            if key not in tensors:
+                try:
+                    tensors[key] = json.loads(text)
+                except ValueError:
+                    tensors[key] = text
+        return tensors
     except Exception as exc:
         raise CheckpointError(
             f"could not read {name!r} as safetensors ({_first_line(exc)}); the file is truncated "
@@ -384,7 +398,7 @@ def _select_weights(obj: Any, name: str, ema: bool | None,
     if ema is None and online and averaged:
         warnings.warn(f"checkpoint {name} holds online weights ({online[0].where!r}) and EMA weights "
                       f"({averaged[0].where!r}): loaded the online weights ({chosen.where!r}); pass "
-                      f"ema=True to load the EMA weights (ema=False says you want the online ones)",
+                      f"ema=True (--ema-weights) to load the EMA weights (ema=False says you want the online ones)",
                       stacklevel=3)
     if chosen.stray:
         warnings.warn(f"checkpoint {name}: took the weights at {chosen.where!r} and left out "
@@ -568,7 +582,8 @@ def save_checkpoint(model: nn.Module | Mapping[str, Tensor], path: str | os.Path
     Args:
         model: a module or a state dict.
         path: destination; a ``.safetensors`` suffix writes safetensors (``extra`` goes into
-            its string metadata), anything else ``torch.save``.
+            its string metadata as JSON, read back by :func:`read_checkpoint`), anything else
+            ``torch.save``.
         official: write the hustvl/Vim layout ``{"model": state_dict, **extra}``; ``False``
             writes the plain state dict (and allows no ``extra``).
         **extra: more entries of the official dict (epoch, args...). Keep them to plain
@@ -591,7 +606,7 @@ def save_checkpoint(model: nn.Module | Mapping[str, Tensor], path: str | os.Path
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         if safetensors:
             from safetensors.torch import save_file
-            metadata = {"format": "pt", **{k: str(v) for k, v in extra.items()}}
+            metadata = {"format": "pt", **{k: json.dumps(v, default=str) for k, v in extra.items()}}
             save_file(state, tmp, metadata=metadata)
         else:
             torch.save({"model": state, **extra} if official else state, tmp)

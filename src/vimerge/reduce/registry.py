@@ -226,4 +226,38 @@ def build(method: str, **options: Any):
     if unknown:
         raise ValueError(f"{method} has no option {', '.join(map(repr, unknown))}; its options: "
                          f"{', '.join(sorted(known))}")
+    for f in options_of(cls):
+        if f.name in options:
+            options[f.name] = _typed(method, f, options[f.name])
     return cls(**options)
+
+
+def _typed(method: str, f: dataclasses.Field, value: Any) -> Any:
+    """``value`` checked against the option's annotation (ints stay ints, a float option takes
+    an int); ValueError naming the option otherwise."""
+    kind = str(f.type).replace(" ", "")
+    allowed = set(kind.split("|"))
+    if value is None:
+        if "None" in allowed:
+            return None
+    elif isinstance(value, bool):
+        if "bool" in allowed:
+            return value
+    elif isinstance(value, int):
+        if "int" in allowed:
+            return value
+        if "float" in allowed:
+            return float(value)
+    elif isinstance(value, float):
+        if "float" in allowed:
+            return value
+    elif isinstance(value, str):
+        if "str" in allowed:
+            return value
+    elif isinstance(value, (list, tuple)):
+        if any(a.startswith("list[int]") for a in allowed) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+    elif "Any" in allowed:
+        return value
+    raise ValueError(f"{method} option {f.name} takes {kind.replace('|', ' or ')}, got {value!r}")

@@ -182,8 +182,6 @@ class RMeeTo:
     def __post_init__(self) -> None:
         if self.r is not None and self.ratio is not None:
             raise ValueError("give either r (tokens per reducing block) or ratio, not both")
-        if self.r is None and self.ratio is None:
-            self.r = 0
         if isinstance(self.r, tuple):
             self.r = list(self.r)
         for value, allowed, what in ((self.distance, DISTANCES, "distance"), (self.mode, tuple(MERGE_MODES), "mode"),
@@ -203,7 +201,12 @@ class RMeeTo:
     # ------------------------------------------------------------------ schedule
     def layer_r(self, num_tokens: int, depth: int) -> list[int]:
         """Requested r of every block (before the per-block cap)."""
-        r = self.r if self.ratio is None else r_for_ratio(self.ratio, num_tokens, depth, self.interval, self.odd)
+        if self.r is not None and self.ratio is not None:    # both set at run time
+            raise ValueError(f"this reducer has r={self.r} and ratio={self.ratio}; set the other one to None")
+        if self.ratio is not None:
+            r = r_for_ratio(self.ratio, num_tokens, depth, self.interval, self.odd)
+        else:
+            r = 0 if self.r is None else self.r
         return check_r(r, num_tokens, depth, self.interval, self.odd)
 
     def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
