@@ -248,3 +248,19 @@ def test_pretrained_without_model_uses_the_default_model(capsys):
     main(["flops", "--pretrained"])                  # vim_tiny's hub weights: offline here, or loaded
     err = capsys.readouterr().err
     assert "model None" not in err
+
+
+def test_a_flag_only_one_method_takes_implies_it(capsys):
+    assert main(["flops", *FMNIST_SMALL, "--final-ratio", "0.2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reduce"] == "stm:final_ratio=0.2"
+    assert main(["flops", *FMNIST_SMALL, "--ratio", "0.2", "--json"]) == 0          # the paper's method
+    assert json.loads(capsys.readouterr().out)["reduce"] == "rmeeto:ratio=0.2"
+    assert main(["flops", *FMNIST_SMALL, "--distance", "l1"]) == 2                 # rmeeto or prune: ambiguous
+    assert "without a reduction method" in capsys.readouterr().err
+
+
+def test_demo_option_mistakes_are_one_line(tmp_path, capsys):
+    assert main(["demo", "--limit", "0", "-o", str(tmp_path / "d")]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert main(["demo", "--retrain-images", "3", "-o", str(tmp_path / "d")]) == 2
+    assert "vimerge demo: error: --retrain-images must be at least one batch" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vimerge
 from conftest import TINY_VIM
-from vimerge.tokens import MergePlan, TokenState, ratio_from_counts
+from vimerge.tokens import MergePlan, TokenState, merge_state, ratio_from_counts
 from vimerge.reduce.stm import (
     bnnm_counts,
     STM,
@@ -18,7 +18,6 @@ from vimerge.reduce.stm import (
     direction_weights,
     merge_coefficients,
     schedule_counts,
-    weighted_merge,
 )
 
 
@@ -308,7 +307,7 @@ def test_all_equal_time_steps_and_projections_give_exponential_distance_weights(
     x = torch.tensor([[[1.0], [3.0], [7.0]]])
     st = TokenState(x, 10 * x, torch.ones(1, 3, 1), 2)
     plan = MergePlan(torch.tensor([[0, 0, 1]]), 2, 1)
-    out = weighted_merge(st, plan, torch.tensor([[[0.25], [1.0], [1.0]]]))
+    out = merge_state(st, plan, weight=torch.tensor([[[0.25], [1.0], [1.0]]]))
     torch.testing.assert_close(out.hidden[0, :, 0], torch.tensor([(3 + 0.25 * 1) / 1.25, 7.0]))
     torch.testing.assert_close(out.residual[0, :, 0], torch.tensor([10 * (3 + 0.25) / 1.25, 70.0]))
     assert out.size.flatten().tolist() == [2.0, 1.0]

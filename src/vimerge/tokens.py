@@ -164,22 +164,25 @@ def merge_tokens(x: Tensor, plan: MergePlan, mode: str = "sum") -> Tensor:
     return out[:, :plan.num_out]
 
 
-def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum") -> TokenState:
+def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum", weight: Tensor | None = None) -> TokenState:
     """Reduce every stream of the state with one plan, weighting tokens by their size.
 
-    As in the official R-MeeTo code: x' = merge(x * size) / merge(size) and
-    size' = merge(size), with the same ``mode`` for both ("sum" and "mean" give the
-    size-weighted average). The hidden and residual streams go through one scatter.
+    As in the official R-MeeTo code: x' = merge(x * w) / merge(w) with w = size and
+    size' = merge(size), the same ``mode`` for all ("sum" and "mean" give the size-weighted
+    average). ``weight`` (B, N, 1) >= 0 multiplies the sizes in the average (STM's HSP: w =
+    size * weight); sizes keep counting original tokens. The hidden and residual streams go
+    through one scatter, in fp32 (each is returned in its own dtype); sources are or-ed.
     """
     size = merge_tokens(state.size, plan, mode)
-    streams = [state.hidden] if state.residual is None else [state.hidden, state.residual.to(state.hidden.dtype)]
-    merged = merge_tokens(torch.cat(streams, dim=-1) * state.size, plan, mode) / size
+    w = state.size if weight is None else state.size * weight
+    norm = size if weight is None else merge_tokens(w, plan, mode)
+    streams = [state.hidden.float()] if state.residual is None else [state.hidden.float(), state.residual.float()]
+    merged = merge_tokens(torch.cat(streams, dim=-1) * w, plan, mode) / norm
     hidden, residual = merged.split(state.hidden.shape[-1], dim=-1) if len(streams) == 2 else (merged, None)
-    if residual is not None:
-        residual = residual.to(state.residual.dtype)
     source = None if state.source is None else merge_tokens(state.source, plan, "max")
-    return state.replace(hidden=hidden, residual=residual, size=size, cls_index=plan.cls_index,
-                         source=source)
+    return state.replace(hidden=hidden.to(state.hidden.dtype),
+                         residual=None if residual is None else residual.to(state.residual.dtype),
+                         size=size, cls_index=plan.cls_index, source=source)
 
 
 # --------------------------------------------------------------------------------- scan records
@@ -265,7 +268,9 @@ class Reducer(Protocol):
     """A token-reduction method, called by the model before the mixer of every block.
 
     Implementations are dataclasses registered with ``vimerge.reduce.register_method``;
-    their fields are the method's options.
+    their fields are the method's options. A method with random options may also offer
+    ``rng_state() -> Tensor | None`` and ``set_rng_state(state)`` (re-training saves and
+    restores them for an exact resume).
     """
     name: str
 

@@ -271,6 +271,17 @@ def merge_options(name: str, options: dict[str, Any], flags: dict[str, Any], *, 
     return format_spec(name, merged)
 
 
+def _implied_method(flags: dict[str, Any]) -> str:
+    """The method shorthand flags imply without --method: rmeeto for --r/--ratio (the paper's),
+    else the one method that takes every flag given (--final-ratio -> stm), else none."""
+    if not flags:
+        return NONE
+    if set(flags) <= {f.name for f in options_of("rmeeto")} and ("r" in flags or "ratio" in flags):
+        return "rmeeto"
+    takers = [m for m in list_methods() if set(flags) <= {f.name for f in options_of(m)}]
+    return takers[0] if len(takers) == 1 else NONE
+
+
 def reduction_spec(args: argparse.Namespace, default: str | None = NONE) -> str | None:
     """The reduction the arguments describe, as a spec string (validated); ``default`` when they
     describe none (no --reduce, --method or option flag)."""
@@ -284,7 +295,7 @@ def reduction_spec(args: argparse.Namespace, default: str | None = NONE) -> str 
     if spec is not None:
         name, options = parse_spec(spec)
     else:
-        name = method or ("rmeeto" if ("r" in flags or "ratio" in flags) else NONE)
+        name = method or _implied_method(flags)
         options = {}
     result = merge_options(name, options, flags)
     build(result)      # a bad option fails here, before any work starts

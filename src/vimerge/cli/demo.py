@@ -7,12 +7,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from vimerge.data import DatasetError
 from vimerge.data.fashion_mnist import DEFAULT_ROOT
 from vimerge.demo import FULL, QUICK, run_demo, summary
-from vimerge.models.checkpoint import CheckpointError
 
-from .common import writable_path
+from .common import CommandError, positive_int, writable_path
 
 HELP = ("the whole token-reduction study on Fashion-MNIST: accuracy, FLOPs and speed of pruning, "
         "R-MeeTo, STM and re-training, with report and plots")
@@ -29,7 +27,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-base", action="store_true",
                    help="train the base model from scratch (vimerge train's recipe, about 25 min on 2 "
                         "CPU cores) instead of using the shipped weights")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N test images (default: all 10,000, --quick 1,000)")
     p.add_argument("--retrain-images", type=int, default=None, metavar="N",
                    help="training images per re-training run (default: 8000, quick 2000)")
@@ -42,23 +40,15 @@ def run(args: argparse.Namespace) -> int:
     writable_path(args.output, "--output", directory=True)
     plan = QUICK if args.quick else FULL
     if args.limit is not None:
-        if args.limit < 1:
-            print("vimerge demo: --limit must be >= 1", file=sys.stderr)
-            return 2
         plan = replace(plan, test_images=args.limit)
     if args.retrain_images is not None:
         if args.retrain_images < plan.retrain_batch:
-            print(f"vimerge demo: --retrain-images must be at least one batch ({plan.retrain_batch})",
-                  file=sys.stderr)
-            return 2
+            raise CommandError(f"--retrain-images must be at least one batch ({plan.retrain_batch})")
         plan = replace(plan, retrain_images=args.retrain_images)
     try:
         results = run_demo(data=args.data, output=args.output, quick=args.quick, checkpoint=args.checkpoint,
                            train_base=args.train_base, plan=plan, fresh=args.fresh,
                            progress=not args.no_progress)
-    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
-        print(f"vimerge demo: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\nvimerge demo: interrupted; finished rows and re-training checkpoints are kept in "
               f"{Path(args.output).expanduser()}: run the same command to continue", file=sys.stderr)

@@ -158,9 +158,9 @@ class RMeeTo:
     ``model.reduction`` at run time. Options map to the paper's ablations (R-MeeTo tables
     named in each help text).
     """
-    r: int | list[int] | None = option(None, "tokens removed per reducing block, or one per block: [0,4,...]")
+    r: int | list[int] | None = option(None, "tokens removed per reducing block, or one value per block (flag: 0,4,4,...; spec: [0,4,4,...])")
     ratio: float | None = option(None, "mean-token reduction ratio (1 - mean tokens per block / initial "
-                                       "tokens, R-MeeTo Table 10), instead of r")
+                                       "tokens, R-MeeTo Table 10), instead of r (STM: instead of final_ratio)")
     interval: int = option(2, "reduce every k blocks, from block k (R-MeeTo: 2)")
     odd: bool = option(False, "reduce blocks 1, 3, ... instead of 2, 4, ... (R-MeeTo Table 16)")
     distance: str = option("cosine", "similarity of the matching (Table 7)", choices=DISTANCES)
@@ -233,6 +233,16 @@ class RMeeTo:
         model.record_blocks([i for i in range(model.depth - 1) if needs and self._r[i + 1] > 0])
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator().manual_seed(self.seed)
+
+    def rng_state(self) -> Tensor | None:
+        """The state of the random options' generator (None until a seeded forward made one);
+        saved with re-training checkpoints so that a resumed run draws the same numbers."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        if self._generator is None:
+            self._generator = torch.Generator()
+        self._generator.set_state(state)
 
     def _metric(self, state: TokenState, model: TokenModel) -> Tensor:
         if self.metric == "X":

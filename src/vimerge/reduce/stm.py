@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..tokens import (MergePlan, TokenModel, TokenState, check_convention, merge_state, merge_tokens,
+from ..tokens import (MergePlan, TokenModel, TokenState, check_convention, merge_state,
                       ratio_from_counts)
 from .registry import option, register_method
 
@@ -315,22 +315,6 @@ def clean_weights(w: Tensor, max_weight: float) -> Tensor:
     return w.clamp(0.0, max_weight)
 
 
-def weighted_merge(state: TokenState, plan: MergePlan, omega: Tensor) -> TokenState:
-    """Merge every stream with token weights ``size * omega`` (omega (b, N, 1) >= 0, 1 = plain).
-
-    x' = sum(size omega x) / sum(size omega) over the tokens of a slot; sizes keep counting
-    original tokens (size' = sum size), sources are or-ed.
-    """
-    w = state.size * omega
-    norm = merge_tokens(w, plan)
-    hidden = merge_tokens(state.hidden * w, plan) / norm
-    residual = None if state.residual is None else merge_tokens(state.residual * w, plan) / norm
-    size = merge_tokens(state.size, plan)
-    source = None if state.source is None else merge_tokens(state.source, plan, "max")
-    return state.replace(hidden=hidden.to(state.hidden.dtype), residual=residual, size=size,
-                         cls_index=plan.cls_index, source=source)
-
-
 # ---------------------------------------------------------------------------- the reducer
 @register_method("stm")
 @dataclass
@@ -447,7 +431,7 @@ class STM:
         omega = self._omega(state, model, step)
         if omega is None:
             return merge_state(state, plan)
-        return weighted_merge(state, plan, omega)
+        return merge_state(state, plan, weight=omega)
 
     def _omega(self, state: TokenState, model: TokenModel, step: MergeStep) -> Tensor | None:
         """(b, N, 1) merge weights: 1 for kept tokens, the HSP weight for removed ones."""

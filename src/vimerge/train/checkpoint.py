@@ -90,9 +90,9 @@ def rng_state(reducer: Any = None) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    gen = getattr(reducer, "_generator", None)
-    if isinstance(gen, torch.Generator):
-        state["reducer"] = gen.get_state()
+    reducer_state = reducer.rng_state() if hasattr(reducer, "rng_state") else None
+    if reducer_state is not None:
+        state["reducer"] = reducer_state
     return state
 
 
@@ -104,10 +104,8 @@ def set_rng_state(state: dict[str, Any], reducer: Any = None) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "reducer" in state and reducer is not None:
-        if getattr(reducer, "_generator", None) is None:
-            reducer._generator = torch.Generator()
-        reducer._generator.set_state(state["reducer"])
+    if "reducer" in state and hasattr(reducer, "set_rng_state"):
+        reducer.set_rng_state(state["reducer"])
 
 
 # ---------------------------------------------------------------------------------------------
