@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +16,14 @@ import torch.distributed as dist
 WORKER = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from torch.utils.data import TensorDataset
     from vimerge.train import RetrainConfig, retrain
     from vimerge.train.distributed import DistEnv
 
+    sys.path.insert(0, TESTS_DIR)
+    from conftest import easy_data             # the tests' shared toy data set
+
     def data(n=48, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 3, (n,), generator=g)
-        x = torch.randn(n, 1, 16, 16, generator=g) * 0.3
-        for k in range(3):
-            x[y == k, :, 5 * k:5 * k + 5, :] += 1.5
-        return TensorDataset(x, y)
+        return easy_data(n, seed)
 
     def config(out, batch):
         return RetrainConfig(
@@ -61,7 +59,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER.replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent))))
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp"), "4"],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
