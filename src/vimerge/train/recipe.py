@@ -44,7 +44,9 @@ class RetrainConfig:
     records where the weights came from), ``num_classes`` / ``img_size`` (None: the data's classes / the
     preset's size), ``model_kwargs`` (other constructor arguments), ``scan_backend``.
     Reduction: ``reduce``, a reduction spec such as ``"rmeeto:r=11"`` or ``"none"`` (see
-    :func:`vimerge.reduce.apply`); stored in its canonical spelling.
+    :func:`vimerge.reduce.apply`); stored in its canonical spelling. The default is the paper's
+    R-MeeTo r = 11 (Vim-S/B); ``vimerge retrain`` given no reduction option passes the
+    reduction the checkpoint records, else ``"none"``.
     Data: ``data`` (Fashion-MNIST IDX directory or ImageFolder directory, auto-detected),
     ``val_data`` ("auto": Fashion-MNIST's test split, or DIR/val next to DIR/train), ``fraction``
     of the training set (Table 8; the subset is drawn with ``data_seed``, default ``seed``).
