@@ -58,14 +58,13 @@ def create_model(name: str | None = None, *, checkpoint: str | os.PathLike | Non
     arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
     recorded_name = arch.get("name")
     if name is None:
-        recorded_name = recorded_name or fallback
-        if recorded_name is None:
+        name = recorded_name or fallback
+        if name is None:
             raise ValueError("give a model name (vimerge.list_models()); "
                              + ("the checkpoint records none" if checkpoint is not None else "no checkpoint given"))
-        name = recorded_name
     kwargs = dict(overrides)
     if recorded_name is not None:
-        if get_preset(recorded_name).name == get_preset(name).name:
+        if _preset(recorded_name) == get_preset(name).name:
             kwargs = {**dict(arch.get("kwargs") or {}), **overrides}
         else:
             log.warning("the checkpoint was written for model %r; building %r as asked", recorded_name, name)
@@ -84,6 +83,14 @@ def create_model(name: str | None = None, *, checkpoint: str | os.PathLike | Non
     if recorded != NONE and wanted != spec_of(build(recorded)):
         log.warning("these weights were re-trained with %s; using %s as asked", recorded, wanted)
     return model
+
+
+def _preset(name: str) -> str | None:
+    """The registered name of a preset or alias; None for a name this installation lacks."""
+    try:
+        return get_preset(name).name
+    except ValueError:
+        return None
 
 
 __all__ = ["create_model"]
