@@ -404,3 +404,18 @@ def test_ratio_is_the_mean_token_ratio_and_final_ratio_the_papers_setting():
         assert abs(ratio_from_counts(vimerge.token_counts(model), 197) - 0.28) < 0.03
     with pytest.raises(ValueError, match="cannot reach"):
         STM(ratio=0.9).token_counts(65, 6)
+
+
+def test_class_token_at_position_0_takes_every_removal_from_the_right():
+    # 11 tokens, class token first (DeiT / VideoMamba layout): final_ratio 0.4 -> 4 tokens, all on the
+    # right (10 tokens); sweep distances 0, 2, 5, 7 from the far end: 10, 8 in block 1, 5, 3 in block 2,
+    # each merged leftward (toward the class token) into its nearest remaining neighbour
+    steps = bnnm_schedule(11, 4, 0.4, 2, 1, cls_index=0)
+    assert steps[0] is None and steps[3] is None
+    assert (steps[1].removed, steps[1].target, steps[1].side) == ((10, 8), (9, 7), (1, 1))
+    assert steps[2].origin == (5, 3) and steps[2].cls_out == 0
+    assert bnnm_counts(11, 4, 0.4, 2, 1, cls_index=0) == schedule_counts(steps, 11) == [11, 9, 7, 7]
+    hidden = torch.arange(11, dtype=torch.float32).view(1, 11, 1)
+    out = run_reductions(STM(final_ratio=0.4, per_side=2, hsp=False), TokenState.start(hidden, 0), fake_model(4, 0), 4)
+    assert out.cls_index == 0 and out.size.flatten().tolist() == [1, 1, 2, 2, 1, 2, 2]
+    torch.testing.assert_close(out.hidden.flatten(), torch.tensor([0.0, 1.0, 2.5, 4.5, 6.0, 7.5, 9.5]))

@@ -107,7 +107,14 @@ def default_per_side(final_ratio: float) -> int:
 
 
 def side_targets(total: int, left: int, right: int) -> tuple[int, int]:
-    """Split ``total`` removals between the sides; the odd one to the longer side (left on a tie)."""
+    """Split ``total`` removals between the sides; the odd one to the longer side (left on a tie).
+
+    A class token at an end (position 0, as in DeiT or VideoMamba, or the last position) leaves
+    one side empty: every removal is then on the other side, whose tokens merge toward the
+    class token in the scan that carries them to it.
+    """
+    if left == 0 or right == 0:
+        return (total, 0) if right == 0 else (0, total)
     small, big = total // 2, total - total // 2
     return (big, small) if left >= right else (small, big)
 
