@@ -237,27 +237,12 @@ def _typed(method: str, f: dataclasses.Field, value: Any) -> Any:
     an int); ValueError naming the option otherwise."""
     kind = str(f.type).replace(" ", "")
     allowed = set(kind.split("|"))
-    if value is None:
-        if "None" in allowed:
-            return None
-    elif isinstance(value, bool):
-        if "bool" in allowed:
-            return value
-    elif isinstance(value, int):
-        if "int" in allowed:
-            return value
-        if "float" in allowed:
-            return float(value)
-    elif isinstance(value, float):
-        if "float" in allowed:
-            return value
-    elif isinstance(value, str):
-        if "str" in allowed:
-            return value
-    elif isinstance(value, (list, tuple)):
-        if any(a.startswith("list[int]") for a in allowed) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return list(value)
-    elif "Any" in allowed:
+    name = {type(None): "None", bool: "bool", int: "int", float: "float", str: "str"}.get(type(value))
+    if name in allowed or "Any" in allowed:
         return value
+    if name == "int" and "float" in allowed:
+        return float(value)
+    if (isinstance(value, (list, tuple)) and "list[int]" in allowed
+            and all(type(v) is int for v in value)):
+        return list(value)
     raise ValueError(f"{method} option {f.name} takes {kind.replace('|', ' or ')}, got {value!r}")
