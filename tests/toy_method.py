@@ -32,7 +32,7 @@ class KeepFirst:
         kept = min(k, num_tokens) + (1 if cls_index >= k else 0)
         return [num_tokens] + [kept] * (depth - 1)
 
-    def token_counts(self, num_tokens, depth, cls_index=None):
+    def token_counts(self, num_tokens, depth, cls_index=None, site="before_mixer"):
         cls_index = (num_tokens - 1) // 2 if cls_index is None else cls_index
         return self._counts(self._k(num_tokens, depth, cls_index), num_tokens, depth, cls_index)
 

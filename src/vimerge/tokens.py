@@ -25,6 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SITES = ("before_mixer", "after_attention")
+"""Where a backbone calls its reducer in block ``i`` (``TokenModel.reduction_site``):
+``"before_mixer"`` (Vim, VideoMamba: before the block's token mixer; block 0 never reduces,
+its tokens are not mixed yet) or ``"after_attention"`` (DeiT: between the block's attention and
+its MLP, as in ToMe and R-MeeTo's DeiT code; every block may reduce, block 0 included)."""
+
 CONVENTIONS = ("paper", "full")
 """FLOPs conventions: ``"paper"`` counts a multiply-add as one FLOP and one scan direction
 (R-MeeTo's ``calc_flops``, Table 2); ``"full"`` counts every arithmetic operation."""
@@ -216,6 +222,16 @@ class ScanRecord:
 
 
 @dataclass
+class AttentionRecord:
+    """What an attention block recorded in its last forward: the head-averaged queries, keys
+    and values, each (B, N, head_dim), in token order (R-MeeTo's DeiT metrics Q, K, V, as
+    ``q.mean(dim=1)`` in its official ``vit.py``; ToMe matches on the keys)."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+
+
+@dataclass
 class BlockRecord:
     """What a bidirectional Mamba block recorded in its last forward (all in token order).
 
@@ -238,7 +254,8 @@ class TokenModel(Protocol):
 
     Attributes:
         num_tokens: tokens after the embedding (patches + class token).
-        depth: number of blocks; a reducer is called before the mixer of each.
+        depth: number of blocks; a reducer is called once in each, at ``reduction_site``.
+        reduction_site: one of :data:`SITES`: where block ``i`` calls the reducer.
         cls_index: the class token's position after the embedding.
         embed_dim: token width E.
         reduction: the installed :class:`Reducer`, or None.
@@ -249,6 +266,7 @@ class TokenModel(Protocol):
     depth: int
     cls_index: int
     embed_dim: int
+    reduction_site: str
     reduction: "Reducer | None"
     # what the layers above reductions also read (measure, data, viz, train, cli): the input
     # geometry, the head size and the patch grid of the tokens after the class token
@@ -260,12 +278,15 @@ class TokenModel(Protocol):
     def record_blocks(self, layers: Collection[int]) -> None:
         """Record :class:`BlockRecord` s in the next forwards of exactly these blocks (empty: none)."""
 
-    def block_record(self, layer: int) -> BlockRecord | None:
-        """What block ``layer`` recorded in the last forward (None: nothing, or no scan)."""
+    def block_record(self, layer: int) -> "BlockRecord | AttentionRecord | None":
+        """What block ``layer`` recorded in the last forward: a Mamba block's scans
+        (:class:`BlockRecord`), an attention block's queries/keys/values
+        (:class:`AttentionRecord`), or None (nothing recorded)."""
 
 
 class Reducer(Protocol):
-    """A token-reduction method, called by the model before the mixer of every block.
+    """A token-reduction method, called by the model once in every block (at the model's
+    ``reduction_site``: before a Mamba mixer, after a Transformer's attention).
 
     Implementations are dataclasses registered with ``vimerge.reduce.register_method``;
     their fields are the method's options. A method with random options may also offer
@@ -280,8 +301,11 @@ class Reducer(Protocol):
     def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
         """Map the state entering block ``state.layer`` to a (possibly) smaller one."""
 
-    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
-        """Tokens each block's mixer sees, for ``num_tokens`` tokens after the embedding."""
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
+                     site: str = "before_mixer") -> list[int]:
+        """Tokens left after each block's reduction, for ``num_tokens`` tokens after the
+        embedding: the tokens block ``i``'s mixer sees (``site="before_mixer"``), or its MLP
+        sees (``"after_attention"``; its attention sees entry ``i - 1``)."""
 
     def flops(self, token_counts: Sequence[int], num_tokens: int, width: int,
               convention: str = "paper") -> float:

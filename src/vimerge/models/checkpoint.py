@@ -90,8 +90,9 @@ def read_state_dict(source: str | os.PathLike, *, ema: bool | None = None) -> di
     """Read the weights of a checkpoint as a flat ``{name: tensor}`` dict on the CPU.
 
     Args:
-        source: a local path (``.pth``/``.pt``/``.bin`` pickle or ``.safetensors``) or an
-            ``hf://owner/repo/path/in/repo`` URI.
+        source: a local path (``.pth``/``.pt``/``.bin`` pickle or ``.safetensors``), an
+            ``hf://owner/repo/path/in/repo`` URI or an ``https://`` URL (cached in torch's hub
+            directory).
         ema: which weights when the file holds online and averaged ones (see the module
             docstring): None the online ones, with a warning; True the averaged ones; False
             the online ones.
@@ -130,7 +131,12 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 def _read_object(source: str | os.PathLike) -> tuple[Any, str]:
     """The loaded object of a checkpoint file (a dict, usually) and the name to call it by."""
     name = os.fspath(source)
-    path = _download(name) if name.startswith("hf://") else Path(name).expanduser()
+    if name.startswith("hf://"):
+        path = _download(name)
+    elif name.startswith(("https://", "http://")):
+        path = _download_url(name)
+    else:
+        path = Path(name).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {name!r} does not exist; check the path "
                               f"(current directory: {os.getcwd()})")
@@ -140,6 +146,22 @@ def _read_object(source: str | os.PathLike) -> tuple[Any, str]:
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return _read_safetensors(path, name), name
     return _read_pickle(path, name), name
+
+
+def _download_url(url: str) -> Path:
+    """An https:// checkpoint (e.g. the official DeiT weights) -> its cached copy in torch's hub
+    directory (``torch.hub.get_dir()/checkpoints``), downloaded once."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.split("?", 1)[0]).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, os.fspath(target), progress=True)
+        except Exception as exc:  # offline, 404, ...
+            raise CheckpointError(
+                f"could not download {url!r} ({_first_line(exc)}). This needs internet access; on an "
+                f"offline machine download it elsewhere, copy it here and pass its local path, e.g. "
+                f"checkpoint='/path/to/{target.name}'") from exc
+    return target
 
 
 def _download(uri: str) -> Path:

@@ -269,6 +269,7 @@ class VisionMamba(nn.Module):
         self.norm_f = RMSNorm(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.reduction: Reducer | None = None   # installed by vimerge.apply, see vimerge.reduce
+        self.reduction_site = "before_mixer"   # block i's reduction runs before its mixer
         self._init_weights(depth)
 
     def _init_weights(self, depth: int) -> None:

@@ -65,14 +65,15 @@ def remove(model: TokenModel) -> None:
 
 
 def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
-    """Tokens each block's mixer sees under the model's active reduction.
+    """Tokens left after each block's reduction under the model's active reduction: what block
+    ``i``'s mixer sees on a Mamba model, its MLP on a DeiT (``model.reduction_site``).
 
     ``num_tokens``: tokens after the embedding (default: the model's, ``model.num_tokens``).
     """
     n = model.num_tokens if num_tokens is None else num_tokens
     if model.reduction is None:
         return [n] * model.depth
-    return model.reduction.token_counts(n, model.depth, model.cls_index)
+    return model.reduction.token_counts(n, model.depth, model.cls_index, model.reduction_site)
 
 
 __all__ = ["apply", "remove", "token_counts", "register_method", "option", "options_of", "list_methods",

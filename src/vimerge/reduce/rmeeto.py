@@ -20,14 +20,25 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..tokens import (MERGE_MODES, MergePlan, TokenModel, TokenState, check_convention, merge_state,
-                      ratio_from_counts)
+from ..tokens import (MERGE_MODES, SITES, AttentionRecord, BlockRecord, MergePlan, TokenModel, TokenState,
+                      check_convention, merge_state, ratio_from_counts)
 from .registry import option, register_method
 from .schedule import bipartite_capacity, check_r, r_for_ratio, token_counts
 
 DISTANCES = ("cosine", "l1", "l2")
 GROUPINGS = ("odd-even", "front-behind", "random")
-METRICS = ("X", "B", "C", "delta", "y")
+METRICS = ("X", "B", "C", "delta", "y", "Q", "K", "V")
+SCAN_METRICS = ("B", "C", "delta", "y")          # a Mamba block's scan, from the previous block
+ATTENTION_METRICS = ("Q", "K", "V")              # an attention block's, from the same block
+DEFAULT_INTERVAL = {"before_mixer": 2, "after_attention": 1}
+"""R-MeeTo's schedules: every 2nd block of a Vim / VideoMamba (blocks 2, 4, ...), every block
+of a DeiT (its official ``RMeeTo_deit.py``, as ToMe)."""
+
+
+def _first_layer(site: str) -> int:
+    if site not in SITES:
+        raise ValueError(f"unknown reduction site {site!r}; one of {', '.join(SITES)}")
+    return 0 if site == "after_attention" else 1
 
 
 def _groups(m: int, grouping: str, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
@@ -161,14 +172,15 @@ class RMeeTo:
     r: int | list[int] | None = option(None, "tokens removed per reducing block, or one value per block (flag: 0,4,4,...; spec: [0,4,4,...])")
     ratio: float | None = option(None, "mean-token reduction ratio (1 - mean tokens per block / initial "
                                        "tokens, R-MeeTo Table 10), instead of r (STM: instead of final_ratio)")
-    interval: int = option(2, "reduce every k blocks, from block k (R-MeeTo: 2)")
+    interval: int | None = option(None, "reduce every k blocks (default: 2 on Mamba models, from block 2, "
+                                        "as R-MeeTo; 1 on DeiT, every block)")
     odd: bool = option(False, "reduce blocks 1, 3, ... instead of 2, 4, ... (R-MeeTo Table 16)")
     distance: str = option("cosine", "similarity of the matching (Table 7)", choices=DISTANCES)
     mode: str = option("sum", "how merged tokens combine (Table 17)", choices=tuple(MERGE_MODES))
     kth: int = option(1, "merge into the k-th closest partner (Table 15)")
     grouping: str = option("odd-even", "how tokens split into the two sets (Table 20)", choices=GROUPINGS)
-    metric: str = option("X", "features compared (Table 6): X, or the previous block's B, C, delta, y",
-                         choices=METRICS)
+    metric: str = option("X", "features compared (Table 6): X; on Mamba models the previous block's B, C, "
+                              "delta, y; on DeiT the block's Q, K, V (head means)", choices=METRICS)
     ordered: bool = option(True, "keep the token order (--shuffle: Table 4's odd-even shuffle, ordered=false)",
                            flag="--shuffle", action="store_false")
     shuffle_ratio: float = option(0.0, "permute this fraction of tokens before each step (Table 5)")
@@ -190,6 +202,8 @@ class RMeeTo:
                                      (self.pair, ("best", "random"), "pair")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.kth < 1:
             raise ValueError(f"kth must be >= 1, got {self.kth}")
         if not 0.0 <= self.shuffle_ratio <= 1.0:
@@ -199,22 +213,26 @@ class RMeeTo:
         self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ schedule
-    def layer_r(self, num_tokens: int, depth: int) -> list[int]:
-        """Requested r of every block (before the per-block cap)."""
+    def layer_r(self, num_tokens: int, depth: int, site: str = "before_mixer") -> list[int]:
+        """Requested r of every block (before the per-block cap), for a model that reduces at
+        ``site`` (see :data:`vimerge.tokens.SITES`)."""
         if self.r is not None and self.ratio is not None:    # both set at run time
             raise ValueError(f"this reducer has r={self.r} and ratio={self.ratio}; set the other one to None")
+        first = _first_layer(site)
+        interval = DEFAULT_INTERVAL[site] if self.interval is None else self.interval
         if self.ratio is not None:
-            r = r_for_ratio(self.ratio, num_tokens, depth, self.interval, self.odd)
+            r = r_for_ratio(self.ratio, num_tokens, depth, interval, self.odd, first=first)
         else:
             r = 0 if self.r is None else self.r
-        return check_r(r, num_tokens, depth, self.interval, self.odd)
+        return check_r(r, num_tokens, depth, interval, self.odd, first=first)
 
-    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
-        """Tokens each block's mixer sees (the class token's place does not matter here)."""
-        return token_counts(self.layer_r(num_tokens, depth), num_tokens)
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
+                     site: str = "before_mixer") -> list[int]:
+        """Tokens left after each block's reduction (the class token's place does not matter)."""
+        return token_counts(self.layer_r(num_tokens, depth, site), num_tokens)
 
-    def reduction_ratio(self, num_tokens: int, depth: int) -> float:
-        return ratio_from_counts(self.token_counts(num_tokens, depth), num_tokens)
+    def reduction_ratio(self, num_tokens: int, depth: int, site: str = "before_mixer") -> float:
+        return ratio_from_counts(self.token_counts(num_tokens, depth, site=site), num_tokens)
 
     def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
         """The matching at every block where tokens disappear (:func:`matching_flops`), counted
@@ -228,9 +246,12 @@ class RMeeTo:
 
     # ------------------------------------------------------------------ reducer protocol
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
-        self._r = self.layer_r(num_tokens, model.depth)
-        needs = self.metric != "X"
-        model.record_blocks([i for i in range(model.depth - 1) if needs and self._r[i + 1] > 0])
+        self._r = self.layer_r(num_tokens, model.depth, model.reduction_site)
+        if self.metric in ATTENTION_METRICS:     # the reducing block's own attention
+            model.record_blocks([i for i in range(model.depth) if self._r[i] > 0])
+        else:                                    # the previous block's scan (none for X)
+            needs = self.metric in SCAN_METRICS
+            model.record_blocks([i for i in range(model.depth - 1) if needs and self._r[i + 1] > 0])
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -247,11 +268,17 @@ class RMeeTo:
     def _metric(self, state: TokenState, model: TokenModel) -> Tensor:
         if self.metric == "X":
             return state.hidden
+        if self.metric in ATTENTION_METRICS:
+            rec = model.block_record(state.layer)
+            if not isinstance(rec, AttentionRecord):
+                raise ValueError(f"metric {self.metric!r} needs the attention of block {state.layer}; "
+                                 f"{type(model).__name__} has none (Mamba models offer X, B, C, delta, y)")
+            return getattr(rec, self.metric.lower())
         rec = model.block_record(state.layer - 1)
-        if rec is None:
+        if not isinstance(rec, BlockRecord):
             raise ValueError(f"metric {self.metric!r} needs the scan of block {state.layer - 1}, which "
-                             f"this model did not record (a backbone without a selective scan offers "
-                             f"only metric 'X')")
+                             f"{type(model).__name__} did not record (a backbone without a selective scan "
+                             f"offers X, and attention models Q, K, V)")
         if self.metric == "y":
             return rec.output.transpose(1, 2)
         fwd, bwd = getattr(rec.forward, self.metric), getattr(rec.backward, self.metric)
@@ -261,7 +288,7 @@ class RMeeTo:
         r = min(self._r[state.layer], bipartite_capacity(state.num_tokens))
         if r <= 0:
             return state
-        if self.metric != "X" and state.layer == 0:
+        if self.metric in SCAN_METRICS and state.layer == 0:
             raise ValueError(f"metric {self.metric!r} comes from the previous block; block 0 cannot reduce")
         if self.shuffle_ratio > 0:
             state = shuffle_tokens(state, self.shuffle_ratio, self._generator)

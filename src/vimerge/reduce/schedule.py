@@ -23,21 +23,25 @@ def bipartite_capacity(num_tokens: int) -> int:
     return max(0, (num_tokens - 1) // 2)
 
 
-def reduction_layers(depth: int, interval: int = 2, odd: bool = False) -> list[int]:
-    """Blocks that reduce: ``i > 0`` with ``i % interval == 0`` (or ``(i + 1) % interval == 0``)."""
+def reduction_layers(depth: int, interval: int = 2, odd: bool = False, first: int = 1) -> list[int]:
+    """Blocks that reduce: ``i >= first`` with ``i % interval == 0`` (or ``(i + 1) % interval == 0``).
+
+    ``first`` is 1 where the reduction runs before a block's mixer (Vim: block 0's tokens are
+    not mixed yet) and 0 where it runs inside the block after the attention (DeiT)."""
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
-    return [i for i in range(1, depth) if (i + 1 if odd else i) % interval == 0]
+    return [i for i in range(first, depth) if (i + 1 if odd else i) % interval == 0]
 
 
-def per_layer_r(r: int | Sequence[int], depth: int, interval: int = 2, odd: bool = False) -> list[int]:
+def per_layer_r(r: int | Sequence[int], depth: int, interval: int = 2, odd: bool = False,
+                first: int = 1) -> list[int]:
     """The requested r of every block: ``r`` on the reducing blocks, or an explicit list."""
     if isinstance(r, (list, tuple)):
         if len(r) != depth:
             raise ValueError(f"an explicit r list needs one entry per block ({depth}), got {len(r)}")
         values = [int(v) for v in r]
     else:
-        layers = set(reduction_layers(depth, interval, odd))
+        layers = set(reduction_layers(depth, interval, odd, first))
         values = [int(r) if i in layers else 0 for i in range(depth)]
     if any(v < 0 for v in values):
         raise ValueError(f"r must be >= 0, got {r}")
@@ -55,9 +59,9 @@ def token_counts(r_per_layer: Sequence[int], num_tokens: int,
 
 
 def check_r(r: int | Sequence[int], num_tokens: int, depth: int, interval: int = 2, odd: bool = False,
-            capacity: Capacity = bipartite_capacity) -> list[int]:
+            capacity: Capacity = bipartite_capacity, first: int = 1) -> list[int]:
     """Validate a request and return the per-block r (errors name the limit and the fix)."""
-    values = per_layer_r(r, depth, interval, odd)
+    values = per_layer_r(r, depth, interval, odd, first)
     first = next((i for i, v in enumerate(values) if v > 0), None)
     if first is not None:
         limit = capacity(token_counts(values[:first], num_tokens, capacity)[-1] if first else num_tokens)
@@ -68,19 +72,19 @@ def check_r(r: int | Sequence[int], num_tokens: int, depth: int, interval: int =
 
 
 def reduction_ratio(r: int | Sequence[int], num_tokens: int = 197, depth: int = 24, interval: int = 2,
-                    odd: bool = False, capacity: Capacity = bipartite_capacity) -> float:
+                    odd: bool = False, capacity: Capacity = bipartite_capacity, first: int = 1) -> float:
     """Reduction ratio of removing ``r`` tokens per reducing block (R-MeeTo Table 10)."""
-    values = check_r(r, num_tokens, depth, interval, odd, capacity)
+    values = check_r(r, num_tokens, depth, interval, odd, capacity, first)
     return ratio_from_counts(token_counts(values, num_tokens, capacity), num_tokens)
 
 
 def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, interval: int = 2,
-                odd: bool = False, capacity: Capacity = bipartite_capacity) -> int:
+                odd: bool = False, capacity: Capacity = bipartite_capacity, first: int = 1) -> int:
     """The r whose reduction ratio is nearest to ``ratio`` (inverse of :func:`reduction_ratio`)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"a reduction ratio must be in [0, 1), got {ratio}")
     r_max = capacity(num_tokens)
-    ratios = [reduction_ratio(r, num_tokens, depth, interval, odd, capacity) for r in range(r_max + 1)]
+    ratios = [reduction_ratio(r, num_tokens, depth, interval, odd, capacity, first) for r in range(r_max + 1)]
     if ratio > ratios[-1] + 0.005:
         raise ValueError(f"ratio {ratio} is out of reach: with {num_tokens} tokens, {depth} blocks and "
                          f"interval {interval} the most is {ratios[-1]:.3f} (r={r_max}); lower the "

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..tokens import (MergePlan, TokenModel, TokenState, check_convention, merge_state,
+from ..tokens import (BlockRecord, MergePlan, TokenModel, TokenState, check_convention, merge_state,
                       ratio_from_counts)
 from .registry import option, register_method
 
@@ -382,6 +382,7 @@ class STM:
         self._steps: list[MergeStep | None] = []
         self.weights: dict[int, Tensor] = {}
         self.fallbacks: list[tuple[int, str]] = []
+        self._plain = not self.hsp
 
     # ------------------------------------------------------------------ schedule
     def settings(self, num_tokens: int, depth: int, cls_index: int | None = None) -> tuple[float, int]:
@@ -397,7 +398,8 @@ class STM:
         final, per_side = self.settings(num_tokens, depth, cls_index)
         return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index)
 
-    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[int]:
+    def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
+                     site: str = "before_mixer") -> list[int]:
         """Tokens each block's mixer sees (class token by default at ``(num_tokens - 1) // 2``, as in Vim)."""
         final, per_side = self.settings(num_tokens, depth, cls_index)
         return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index)
@@ -422,7 +424,15 @@ class STM:
         depth = model.depth
         self._steps = self.schedule(num_tokens, depth, model.cls_index)
         self.weights, self.fallbacks = {}, []
-        model.record_blocks([i for i in range(depth - 1) if self.hsp and self._steps[i + 1] is not None])
+        self._plain = not self.hsp or model.reduction_site != "before_mixer"
+        if self.hsp and self._plain:
+            reason = (f"{type(model).__name__} has no selective scan (its blocks reduce "
+                      f"{model.reduction_site.replace('_', ' ')}), and HSP is derived from the Mamba recurrence")
+            self.fallbacks.append((-1, reason))
+            if not getattr(self, "_told", False):
+                warnings.warn(f"STM: hidden-state protection runs as plain BNNM here: {reason}", stacklevel=2)
+                self._told = True
+        model.record_blocks([i for i in range(depth - 1) if not self._plain and self._steps[i + 1] is not None])
 
     def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
         step = self._steps[state.layer] if state.layer < len(self._steps) else None
@@ -433,7 +443,7 @@ class STM:
                                f"{step.cls_in}, got {state.num_tokens} at {state.cls_index}; something else "
                                f"changed the sequence")
         plan = step.plan(state.hidden.shape[0], state.hidden.device)
-        if not self.hsp:
+        if self._plain:
             return merge_state(state, plan)
         omega = self._omega(state, model, step)
         if omega is None:
@@ -447,8 +457,8 @@ class STM:
             return None
         rec = model.block_record(state.layer - 1)
         reason = None
-        if rec is None:
-            reason = f"block {state.layer - 1} recorded nothing (it was not asked to, or it has no scan)"
+        if not isinstance(rec, BlockRecord):
+            reason = f"block {state.layer - 1} recorded no scan (it was not asked to, or it has no selective scan)"
         elif rec.forward.num_tokens != state.num_tokens or rec.forward.delta.shape[0] != state.hidden.shape[0]:
             reason = f"block {state.layer - 1}'s records do not match the sequence (stale)"
         if reason is not None:
