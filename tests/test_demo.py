@@ -64,7 +64,9 @@ def test_stm_settings_match_rmeeto_token_counts():
 def test_full_plan_rows():
     rows = plan_rows(FULL, 50, 8)
     keys = [r.key for r in rows]
-    assert len(keys) == len(set(keys)) == 1 + 2 * 4 + 2 + 2 * (4 + 4) + 2
+    # Vim: baseline, pruning and merging at 4 ratios, 2 shuffled; the same 11 on DeiT; STM 2 x 8;
+    # re-trained: merging and pruning at 2 ratios, Vim shuffled, DeiT ordered and shuffled
+    assert len(keys) == len(set(keys)) == 11 + 11 + 2 * (4 + 4) + 2 * 2 + 3
     spec = {r.key: parse_spec(r.reduce) for r in rows}
     for r in rows:     # every row is one canonical reduction spec
         assert format_spec(*spec[r.key]) == r.reduce
@@ -81,9 +83,18 @@ def test_full_plan_rows():
     assert spec["stm-bnnm@0.28"] == ("stm", {"final_ratio": 0.56, "per_side": 2, "hsp": False})
     assert spec["stm-hsp@own0.3"] == ("stm", {"final_ratio": 0.3})       # STM's own settings
     assert spec["stm-bnnm@own0.3"] == ("stm", {"final_ratio": 0.3, "hsp": False})
-    assert [r.key for r in rows if r.retrain] == ["rmeeto-retrained@0.28", "rmeeto-retrained@0.54"]
+    assert [r.key for r in rows if r.retrain] == [
+        "rmeeto-retrained@0.28", "prune-retrained@0.28", "rmeeto-retrained@0.54", "prune-retrained@0.54",
+        "rmeeto-shuffled-retrained@0.54", "deit-rmeeto-retrained@0.54", "deit-rmeeto-shuffled-retrained@0.54"]
     assert spec["rmeeto-retrained@0.54"] == spec["rmeeto@0.54"]
-    assert len(plan_rows(QUICK, 50, 8)) == 1 + 2 * 2 + 1 + 2 * (2 + 2) + 2
+    assert spec["prune-retrained@0.28"] == spec["prune@0.28"]
+    # DeiT keeps the Vim rows' tokens per block: no reduction in block 0, then r per block
+    assert spec["deit-rmeeto@0.28"] == ("rmeeto", {"r": [0, 4, 4, 4, 4, 4, 4, 4]})
+    assert spec["deit-rmeeto-shuffled@0.54"] == ("rmeeto", {"r": [0, 8, 8, 8, 8, 8, 8, 8], "ordered": False})
+    assert {r.model for r in rows if r.family.startswith("deit-")} == {"deit_fmnist"}
+    assert {r.model for r in rows if not r.family.startswith("deit-")} == {"vim_fmnist"}
+    assert {r.family for r in rows if r.secondary} == {"stm-hsp", "stm-bnnm"}
+    assert len(plan_rows(QUICK, 50, 8)) == 6 + 6 + 2 * (2 + 2) + 2 + 3
 
 
 def test_demo_does_not_import_the_command_line():
@@ -127,13 +138,40 @@ def test_claim_verdicts():
         r["family"] = r["key"].split("@")[0]
     assert [_verdict(o) for o in (["a", "a"], ["a", "b"], ["tie", "b"], ["a", "tie"], [])] == [
         "reproduced", "mixed", "not reproduced", "inconclusive", "not measured"]
-    verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in claims(rows)}
+    verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in reversed(claims(rows))}   # first of a word wins
     assert verdicts["Merging"] == "reproduced"          # 75% vs 50%
+    assert next(c for c in claims(rows) if c["claim"].endswith("same re-training"))["verdict"] == "not measured"
     assert verdicts["Token"] == "inconclusive"          # identical rows
     assert verdicts["Re-training"] == "not reproduced"  # 50% after vs 75% before
     assert verdicts["Training-free"] == "not measured"  # no STM rows
     text = next(c for c in claims(rows) if c["claim"].startswith("Merging"))["evidence"][0]
     assert "75.00% vs pruning 50.00%" in text
+    assert "Token reduction hurts Mamba more than a Transformer" not in [c["claim"] for c in claims(rows)]
+
+
+def test_transformer_claims_by_hand():
+    # 100 images. Vim: unreduced all right, merged 60 right; DeiT: unreduced all right, merged 90.
+    # Per image (vim base - vim row) - (deit base - deit row) is +1 on 30 images and 0 elsewhere:
+    # Vim's drop is 30 points larger, s.e. sqrt(30 - 30^2/100) = sqrt(21) = 4.58 points.
+    n = 100
+    ones = np.ones(n, bool)
+    vim = np.array([1] * 60 + [0] * 40, bool)
+    deit = np.array([1] * 90 + [0] * 10, bool)
+    rows = [_row("baseline", ones), _row("deit-baseline", ones),
+            _row("rmeeto@0.54", vim, target_ratio=0.54), _row("deit-rmeeto@0.54", deit, target_ratio=0.54),
+            _row("rmeeto-shuffled@0.54", vim, target_ratio=0.54),           # Vim: order makes no difference
+            _row("deit-rmeeto-shuffled@0.54", deit, target_ratio=0.54)]      # DeiT: neither
+    found = {c["claim"]: c for c in claims(rows)}
+    hurt = found["Token reduction hurts Mamba more than a Transformer"]
+    assert hurt["verdict"] == "reproduced"
+    assert f"Vim's drop +30.00 points larger (2 s.e. = {2 * np.sqrt(21):.2f})" in hurt["evidence"][0]
+    order = found["Token order matters for Vim but not for DeiT"]
+    assert order["verdict"] == "inconclusive"   # DeiT ties (the claim's side), the Vim ties (no win either way)
+    rows[4] = _row("rmeeto-shuffled@0.54", np.array([1] * 40 + [0] * 60, bool), target_ratio=0.54)
+    assert {c["claim"]: c for c in claims(rows)}["Token order matters for Vim but not for DeiT"]["verdict"] == \
+        "reproduced"
+    # rows on fewer images pair on the images both saw (the first ones)
+    assert _compare(_row("a@1", vim), _row("b@1", deit[:50]))[:2] == (0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------ base model
@@ -224,9 +262,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("results.json", "report.md", "accuracy_vs_ratio.png", "accuracy_vs_speed.png",
-                 "merged_tokens.png"):
+                 "merged_tokens.png", "transformer_vs_mamba.png"):
         assert (out / name).is_file(), name
-    for name in ("accuracy_vs_ratio.png", "accuracy_vs_speed.png", "merged_tokens.png"):
+    for name in ("accuracy_vs_ratio.png", "accuracy_vs_speed.png", "merged_tokens.png", "transformer_vs_mamba.png"):
         pixels = np.asarray(Image.open(out / name).convert("L"))
         assert pixels.shape[0] > 100 and pixels.std() > 10, name     # a drawing, not a blank page
 
@@ -242,6 +280,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert rows["rmeeto@0.54"]["token_counts"] == [50, 42, 34, 26, 18, 10, 6, 4]
     assert rows["stm-hsp@0.54"]["reduction_ratio"] == pytest.approx(rows["rmeeto@0.54"]["reduction_ratio"])
     assert rows["rmeeto-retrained@0.54"]["retrain"]["images"] == 128
+    assert rows["deit-rmeeto@0.54"]["token_counts"] == rows["rmeeto@0.54"]["token_counts"]
+    assert rows["deit-rmeeto@0.54"]["model"] == "deit_fmnist"
 
     report = (out / "report.md").read_text()
     table = _report_rows(report)
@@ -255,7 +295,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "[" + results["claims"][0]["verdict"] + "]" in printed
 
     # one training-free row and one re-trained row, re-evaluated with `vimerge eval`
-    for key in ("stm-hsp@0.54", "rmeeto-retrained@0.54"):
+    for key in ("stm-hsp@0.54", "rmeeto-retrained@0.54", "deit-rmeeto-shuffled@0.54"):
         command = shlex.split(rows[key]["eval_command"])
         assert command[:2] == ["vimerge", "eval"]
         assert command[command.index("--reduce") + 1] == rows[key]["reduce"]

@@ -5,6 +5,11 @@ from one string: ``vimerge eval --reduce SPEC``, :func:`vimerge.reduce.apply`, a
 config. Reductions happen in every block after the first (``interval=1``, the layer-wise
 setting of R-MeeTo's Fig. 1): with 8 blocks and 50 tokens, reducing every second block cannot go
 past a ratio of 0.51.
+
+The Transformer rows (R-MeeTo Fig. 1a and Table 4) run the same reductions on ``deit_fmnist``
+(the same 50 tokens and 8 blocks). A DeiT reduces between a block's attention and its MLP, from
+block 0 on; its rows skip block 0 (``r=[0,r,r,...]``) so that both models keep exactly the same
+tokens per block at every ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from vimerge.reduce.schedule import r_for_ratio, reduction_ratio
 from vimerge.reduce.stm import settings_for_mean_ratio
 
 MODEL = "vim_fmnist"
+TRANSFORMER = "deit_fmnist"
 INTERVAL = 1
 
 
@@ -26,7 +32,10 @@ class Plan:
     stm_own: tuple[float, ...] = (0.15, 0.2, 0.3, 0.4)
     order_ratios: tuple[float, ...] = (0.28, 0.54)
     retrain_ratios: tuple[float, ...] = (0.28, 0.54)
+    order_retrain_ratio: float | None = 0.54
+    transformer: bool = True
     test_images: int | None = None
+    secondary_images: int | None = 2000
     retrain_images: int = 8000
     retrain_lr: float = 1e-3
     retrain_batch: int = 64
@@ -36,8 +45,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(ratios=(0.28, 0.54), stm_own=(0.2, 0.4), order_ratios=(0.54,), test_images=1000,
-             retrain_images=2000)
+QUICK = Plan(ratios=(0.28, 0.54), stm_own=(0.2, 0.4), order_ratios=(0.54,), retrain_ratios=(0.54,),
+             test_images=1000, secondary_images=None, retrain_images=2000)
 
 FAMILIES = {   # family -> label in tables and plots
     "baseline": "Unreduced",
@@ -47,7 +56,20 @@ FAMILIES = {   # family -> label in tables and plots
     "stm-bnnm": "STM: BNNM",
     "stm-hsp": "STM: BNNM + HSP",
     "rmeeto-retrained": "R-MeeTo re-trained",
+    "prune-retrained": "Pruning re-trained",
+    "rmeeto-shuffled-retrained": "R-MeeTo shuffled, re-trained",
+    "deit-baseline": "DeiT unreduced",
+    "deit-prune": "DeiT pruning",
+    "deit-rmeeto": "DeiT R-MeeTo (merge)",
+    "deit-rmeeto-shuffled": "DeiT R-MeeTo, odd-even shuffled",
+    "deit-rmeeto-retrained": "DeiT R-MeeTo re-trained",
+    "deit-rmeeto-shuffled-retrained": "DeiT R-MeeTo shuffled, re-trained",
 }
+
+
+def family_model(family: str) -> str:
+    """The model a family's rows run on."""
+    return TRANSFORMER if family.startswith("deit-") else MODEL
 
 
 @dataclass
@@ -56,6 +78,8 @@ class RowSpec:
 
     ``target``: the mean-token reduction ratio the row is set to (None: STM's own settings and
     the baseline). ``retrain``: the base is re-trained with ``reduce`` before evaluation.
+    ``secondary``: evaluated on the first ``Plan.secondary_images`` test images only (to keep
+    the full study within its time budget; comparisons pair the images both rows saw).
     """
     key: str
     family: str
@@ -63,6 +87,11 @@ class RowSpec:
     target: float | None
     reduce: str
     retrain: bool = False
+    secondary: bool = False
+
+    @property
+    def model(self) -> str:
+        return family_model(self.family)
 
 
 def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[RowSpec]:
@@ -72,6 +101,11 @@ def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[RowSpec]:
         r = r_for_ratio(t, num_tokens, depth, INTERVAL)
         return f"ratio {t:g}, r={r}", format_spec(method, {"r": r, "interval": INTERVAL, **extra})
 
+    def deit(t: float, method: str = "rmeeto", **extra) -> tuple[str, str]:
+        # the Vim rows' tokens per block: nothing in block 0, r in every later block
+        r = r_for_ratio(t, num_tokens, depth, INTERVAL)
+        return f"ratio {t:g}, r={r}", format_spec(method, {"r": [0] + [r] * (depth - 1), **extra})
+
     rows = [RowSpec("baseline", "baseline", "no reduction", None, "none")]
     for t in plan.ratios:
         setting, spec = rmeeto(t)
@@ -80,6 +114,15 @@ def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[RowSpec]:
     for t in plan.order_ratios:
         setting, spec = rmeeto(t, ordered=False)
         rows.append(RowSpec(f"rmeeto-shuffled@{t:g}", "rmeeto-shuffled", setting, t, spec))
+    if plan.transformer:
+        rows.append(RowSpec("deit-baseline", "deit-baseline", "no reduction", None, "none"))
+        for t in plan.ratios:
+            setting, spec = deit(t)
+            rows.append(RowSpec(f"deit-prune@{t:g}", "deit-prune", setting, t, deit(t, "prune")[1]))
+            rows.append(RowSpec(f"deit-rmeeto@{t:g}", "deit-rmeeto", setting, t, spec))
+        for t in plan.order_ratios:
+            setting, spec = deit(t, ordered=False)
+            rows.append(RowSpec(f"deit-rmeeto-shuffled@{t:g}", "deit-rmeeto-shuffled", setting, t, spec))
     stm: list[tuple[str, str, float | None, dict]] = []
     for t in plan.ratios:   # STM at the tokens R-MeeTo actually keeps at this ratio
         reached = reduction_ratio(r_for_ratio(t, num_tokens, depth, INTERVAL), num_tokens, depth, INTERVAL)
@@ -90,12 +133,25 @@ def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[RowSpec]:
         if opts.get("per_side") is not None:
             setting += f" (STM {round(100 * opts['final_ratio'])}%, {opts['per_side']}/side)"
         rows.append(RowSpec(f"stm-bnnm@{tag}", "stm-bnnm", setting, target,
-                            format_spec("stm", {**opts, "hsp": False})))
-        rows.append(RowSpec(f"stm-hsp@{tag}", "stm-hsp", setting, target, format_spec("stm", opts)))
-    for t in plan.retrain_ratios:
+                            format_spec("stm", {**opts, "hsp": False}), secondary=True))
+        rows.append(RowSpec(f"stm-hsp@{tag}", "stm-hsp", setting, target, format_spec("stm", opts),
+                            secondary=True))
+    for t in plan.retrain_ratios:   # merging and pruning after the same short re-training (Table 18)
         setting, spec = rmeeto(t)
         rows.append(RowSpec(f"rmeeto-retrained@{t:g}", "rmeeto-retrained", setting, t, spec, retrain=True))
+        rows.append(RowSpec(f"prune-retrained@{t:g}", "prune-retrained", setting, t, rmeeto(t, "prune")[1],
+                            retrain=True))
+    t = plan.order_retrain_ratio    # token order after re-training, Vim and DeiT (Table 4)
+    if t is not None:
+        setting, spec = rmeeto(t, ordered=False)
+        rows.append(RowSpec(f"rmeeto-shuffled-retrained@{t:g}", "rmeeto-shuffled-retrained", setting, t, spec,
+                            retrain=True))
+        if plan.transformer:
+            for fam, extra in (("deit-rmeeto-retrained", {}), ("deit-rmeeto-shuffled-retrained", {"ordered": False})):
+                setting, spec = deit(t, **extra)
+                rows.append(RowSpec(f"{fam}@{t:g}", fam, setting, t, spec, retrain=True))
     return rows
 
 
-__all__ = ["MODEL", "INTERVAL", "Plan", "FULL", "QUICK", "FAMILIES", "RowSpec", "plan_rows"]
+__all__ = ["MODEL", "TRANSFORMER", "INTERVAL", "Plan", "FULL", "QUICK", "FAMILIES", "family_model", "RowSpec",
+           "plan_rows"]

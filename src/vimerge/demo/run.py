@@ -37,8 +37,9 @@ from vimerge.reduce import apply, parse_spec
 from vimerge.train import RetrainConfig, retrain
 from vimerge.train.recipe import BASE_RECIPE
 
-from .plan import FAMILIES, FULL, INTERVAL, MODEL, QUICK, Plan, RowSpec, plan_rows
-from .report import claims, correct_bits, draw_merges, plot_results, rows_table, write_report
+from .plan import FAMILIES, FULL, INTERVAL, MODEL, QUICK, TRANSFORMER, Plan, RowSpec, plan_rows
+from .report import (claims, correct_bits, draw_merges, plot_results, plot_transformer_vs_mamba, rows_table,
+                     write_report)
 
 # ------------------------------------------------------------------------------------ the base model
 
@@ -51,6 +52,7 @@ class Base:
     model_args: list[str]
     seconds: float = 0.0
     sidecar: dict[str, Any] = field(default_factory=dict)
+    model: str = MODEL
 
     def weights(self) -> dict[str, Any]:
         """The :func:`vimerge.models.create_model` arguments that load these weights."""
@@ -71,64 +73,78 @@ def _sha256(path: str | Path) -> str:
 
 
 def resolve_base(checkpoint: str | None, data: str, *, train: bool = False, progress: bool = True,
-                 train_data=None, val_data=None) -> Base:
-    """The base checkpoint: ``checkpoint``, else the shipped weights, else the cache, else trained.
+                 train_data=None, val_data=None, model: str = MODEL) -> Base:
+    """The base checkpoint of ``model``: ``checkpoint``, else the shipped weights, else the cache,
+    else trained.
 
     Training uses :data:`vimerge.train.recipe.BASE_RECIPE` (``vimerge train``'s defaults) into
-    ``cache_dir()/vim_fmnist-base``; it resumes from there when interrupted. ``train=True``
+    ``cache_dir()/<model>-base``; it resumes from there when interrupted. ``train=True``
     skips the shipped weights. ``train_data`` / ``val_data``: datasets used instead of ``data``.
     """
     if checkpoint is not None:
-        create_model(MODEL, checkpoint=checkpoint)          # a wrong file fails here, with its reason
-        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)])
-    shipped = pretrained_uri(MODEL)                         # the weights shipped in vimerge/assets
+        create_model(model, checkpoint=checkpoint)          # a wrong file fails here, with its reason
+        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=model)
+    shipped = pretrained_uri(model)                         # the weights shipped in vimerge/assets
     if not train and shipped is not None and Path(shipped).is_file():
         sidecar = Path(shipped).with_suffix(".json")
         info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        return Base(shipped, "shipped", ["--pretrained"], sidecar=info)
-    run_dir = cache_dir() / f"{MODEL}-base"
+        return Base(shipped, "shipped", ["--pretrained"], sidecar=info, model=model)
+    run_dir = cache_dir() / f"{model}-base"
     final = run_dir / "final.pth"
     if final.is_file():
-        return Base(str(final), "cache", ["--checkpoint", str(final)])
-    print(f"training the base {MODEL} from scratch into {run_dir} (resumable: run the demo again to "
+        return Base(str(final), "cache", ["--checkpoint", str(final)], model=model)
+    print(f"training the base {model} from scratch into {run_dir} (resumable: run the demo again to "
           f"continue after an interruption)", file=sys.stderr)
-    config = RetrainConfig(model=MODEL, data=data, output=str(run_dir), resume=True, save_every=100,
+    config = RetrainConfig(model=model, data=data, output=str(run_dir), resume=True, save_every=100,
                            progress=progress, workers=0, **BASE_RECIPE)
     start = time.perf_counter()
     result = retrain(config, train_data=train_data, val_data=val_data)
     seconds = time.perf_counter() - start
     return Base(str(result.final_checkpoint), "trained", ["--checkpoint", str(result.final_checkpoint)],
-                seconds=seconds, sidecar={"eval_acc": result.eval_acc, "config": config.to_dict()})
+                seconds=seconds, sidecar={"eval_acc": result.eval_acc, "config": config.to_dict()}, model=model)
 
 
 # ------------------------------------------------------------------------------------ one row
 
 
-def build_model(weights: dict[str, Any], spec: str) -> torch.nn.Module:
-    """``vim_fmnist`` with ``weights`` (:meth:`Base.weights`) and the reduction ``spec`` (eval mode)."""
-    model = create_model(MODEL, **weights)
-    apply(model, spec)
-    return model.eval()
+def build_model(weights: dict[str, Any], spec: str, model: str = MODEL) -> torch.nn.Module:
+    """``model`` (default ``vim_fmnist``) with ``weights`` (:meth:`Base.weights`) and the
+    reduction ``spec`` (eval mode)."""
+    net = create_model(model, **weights)
+    apply(net, spec)
+    return net.eval()
 
 
-def eval_command(base: Base, data: str, plan: Plan, spec: str, checkpoint: str | None = None) -> str:
-    """The ``vimerge eval`` command of a row (``checkpoint`` replaces the base weights)."""
+def row_images(spec: RowSpec, plan: Plan) -> int | None:
+    """Test images a row is evaluated on (None: all): the first ``secondary_images`` for a
+    secondary row, else ``test_images``."""
+    if spec.secondary and plan.secondary_images is not None:
+        return min(plan.secondary_images, plan.test_images or plan.secondary_images)
+    return plan.test_images
+
+
+def eval_command(base: Base, data: str, plan: Plan, spec: str, checkpoint: str | None = None,
+                 limit: int | None = None) -> str:
+    """The ``vimerge eval`` command of a row on ``base.model`` (``checkpoint`` replaces the base
+    weights; ``limit``: the row's test images, default the plan's)."""
     model = ["--checkpoint", checkpoint] if checkpoint else base.model_args
-    argv = ["vimerge", "eval", "--model", MODEL, *model, "--dataset", "fashion-mnist", "--data", str(data),
+    argv = ["vimerge", "eval", "--model", base.model, *model, "--dataset", "fashion-mnist", "--data", str(data),
             "--batch-size", str(plan.batch_size)]
-    if plan.test_images is not None:
-        argv += ["--limit", str(plan.test_images)]
+    limit = plan.test_images if limit is None else limit
+    if limit is not None:
+        argv += ["--limit", str(limit)]
     return shlex.join(argv + ["--reduce", spec])
 
 
 def run_row(spec: RowSpec, weights: dict[str, Any], command: str, loader, *, progress: bool) -> dict:
     """Build the row's model (``weights`` + ``spec.reduce``), evaluate it, return its JSON row."""
-    model = build_model(weights, spec.reduce)
+    model = build_model(weights, spec.reduce, spec.model)
     cost = model_cost(model)
     result = evaluate(model, loader, progress=progress, desc=f"{spec.key:<24s}", per_image=True)
     method, options = parse_spec(spec.reduce)
     return {
-        "key": spec.key, "family": spec.family, "label": FAMILIES[spec.family], "setting": spec.setting,
+        "key": spec.key, "family": spec.family, "label": FAMILIES[spec.family], "model": spec.model,
+        "setting": spec.setting,
         "target_ratio": spec.target, "reduce": spec.reduce, "method": method, "options": options,
         "reduction_ratio": cost["reduction_ratio"], "token_counts": cost["token_counts"],
         "gflops_paper": cost["gflops_paper"], "gflops_full": cost["gflops_full"],
@@ -159,7 +175,7 @@ def retrain_row(spec: RowSpec, base: Base, data: str, plan: Plan, out: Path, *, 
     cosine learning rate); returns the final checkpoint and the run's facts. Resumable."""
     total = len(train_data) if train_data is not None else _train_size(data)
     config = RetrainConfig(
-        model=MODEL, checkpoint=base.path, reduce=spec.reduce, data=data, val_data=None,
+        model=spec.model, checkpoint=base.path, reduce=spec.reduce, data=data, val_data=None,
         fraction=min(1.0, plan.retrain_images / total), epochs=1, batch_size=plan.retrain_batch,
         effective_batch=plan.retrain_batch, lr=plan.retrain_lr, min_lr=1e-5, augment="none",
         label_smoothing=0.1, workers=0, seed=plan.seed, output=str(out), resume=True, save_every=25,
@@ -251,22 +267,33 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     if plan.retrain_ratios and train_data is None:
         _train_size(data)                                          # fail now, not after the evaluations
     base = resolve_base(checkpoint, data, train=train_base, progress=progress, train_data=train_data)
+    bases = {MODEL: base}
+    if plan.transformer:
+        bases[TRANSFORMER] = resolve_base(None, data, train=train_base, progress=progress,
+                                          train_data=train_data, model=TRANSFORMER)
     timings["base"] = time.perf_counter() - t0
 
     probe = create_model(MODEL)
     num_tokens, depth = probe.num_tokens, probe.depth
     specs = plan_rows(plan, num_tokens, depth)
     base_sha = _sha256(base.path)
+    shas = {name: _sha256(b.path) for name, b in bases.items()}
     fingerprint = hashlib.sha256(json.dumps(
-        [asdict(plan), base_sha, data, len(test), __version__, [s.reduce for s in specs]]).encode()).hexdigest()[:16]
+        [asdict(plan), shas, data, len(test), __version__, [s.reduce for s in specs]]).encode()).hexdigest()[:16]
     partial = PartialRows(out / "rows.partial.json", fingerprint, fresh)
     if partial.reused:
         print(f"continuing an interrupted demo in {out}: {partial.reused} row(s) already done "
               f"(--fresh recomputes them)", file=sys.stderr)
 
-    loader = make_loader(test, plan.batch_size, 0)
+    loaders = {plan.test_images: make_loader(test, plan.batch_size, 0)}
+    for spec in specs:
+        n = row_images(spec, plan)
+        if n not in loaders:
+            loaders[n] = make_loader(FashionMNIST(data, "test", limit=n), plan.batch_size, 0)
     with torch.inference_mode():     # compile / load the scan kernels before anything is timed
         probe.eval()(torch.zeros(2, 1, 28, 28))
+        if plan.transformer:
+            create_model(TRANSFORMER).eval()(torch.zeros(2, 1, 28, 28))
     timings["warmup"] = time.perf_counter() - t0 - timings["base"]
 
     t_rows = time.perf_counter()
@@ -275,14 +302,16 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
         if spec.key in partial.rows:
             continue
         ckpt, facts = None, None
+        own = bases[spec.model]
         if spec.retrain:
             run_dir = out / "retrain" / f"{spec.key.replace('@', '-')}-{fingerprint}"
             t = time.perf_counter()
-            ckpt, facts = retrain_row(spec, base, data, plan, run_dir, progress=progress,
+            ckpt, facts = retrain_row(spec, own, data, plan, run_dir, progress=progress,
                                       train_data=train_data)
             retrain_seconds += time.perf_counter() - t
-        weights = {"checkpoint": ckpt} if ckpt else base.weights()
-        row = run_row(spec, weights, eval_command(base, data, plan, spec.reduce, ckpt), loader,
+        weights = {"checkpoint": ckpt} if ckpt else own.weights()
+        n = row_images(spec, plan)
+        row = run_row(spec, weights, eval_command(own, data, plan, spec.reduce, ckpt, n), loaders[n],
                       progress=progress)
         if facts is not None:
             row["retrain"] = facts
@@ -291,23 +320,28 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     timings["rows"] = time.perf_counter() - t_rows - retrain_seconds
 
     rows = [partial.rows[s.key] for s in specs]
-    base_ips = rows[0]["images_per_second"]
-    for r in rows:
-        r["speedup"] = r["images_per_second"] / base_ips if base_ips and r["images_per_second"] else None
+    base_ips = {r.get("model", MODEL): r["images_per_second"] for r in rows if r["family"].endswith("baseline")}
+    for r in rows:   # against the unreduced row of the same model
+        own_ips = base_ips.get(r.get("model", MODEL))
+        r["speedup"] = r["images_per_second"] / own_ips if own_ips and r["images_per_second"] else None
 
     t = time.perf_counter()
     files = plot_results(rows, out)
+    if plan.transformer:
+        files.append(plot_transformer_vs_mamba(rows, out))
     files.append(draw_merges(_figure_columns(rows, plan, base), test, plan.viz_classes, out))
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     results = {
-        "setup": {"model": MODEL, "num_tokens": num_tokens, "depth": depth, "interval": INTERVAL,
+        "setup": {"model": MODEL, "transformer": TRANSFORMER if plan.transformer else None,
+                  "secondary_images": plan.secondary_images, "num_tokens": num_tokens, "depth": depth, "interval": INTERVAL,
                   "data": data, "test_images": len(test), "quick": quick, "seed": plan.seed,
                   "batch_size": plan.batch_size, "retrain_images": plan.retrain_images,
                   "retrain_lr": plan.retrain_lr, "retrain_batch": plan.retrain_batch,
                   "plan": asdict(plan), "fingerprint": fingerprint, "rows_reused": partial.reused},
         "base": {**asdict(base), "sha256": base_sha},
+        "bases": {name: {**asdict(b), "sha256": shas[name]} for name, b in bases.items()},
         "versions": versions(),
         "machine": machine(),
         "timings": timings,
@@ -350,5 +384,5 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Base", "cache_dir", "resolve_base", "build_model", "eval_command", "run_row", "retrain_row",
+__all__ = ["Base", "cache_dir", "resolve_base", "build_model", "row_images", "eval_command", "run_row", "retrain_row",
            "versions", "machine", "PartialRows", "run_demo", "summary"]

@@ -4,11 +4,12 @@
 >>> model = create_model("vim_small", checkpoint="vim_s_midclstok_80p5acc.pth")
 """
 
-from . import deit, vim  # noqa: F401  (each registers its presets)
+from . import deit, videomamba, vim  # noqa: F401  (each registers its presets)
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
 from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .deit import VisionTransformer
+from .videomamba import VideoMamba
 from .vim import VisionMamba
 
 __all__ = ["create_model", "list_models", "model_defaults", "register_model", "get_preset", "pretrained_uri",
-           "VisionMamba", "VisionTransformer", "CheckpointError", "load_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"]
+           "VisionMamba", "VisionTransformer", "VideoMamba", "CheckpointError", "load_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"]

@@ -118,6 +118,8 @@ class VisionTransformer(nn.Module):
         drop_rate: dropout after the position embedding; drop_path_rate: stochastic depth,
             linear over the blocks (timm's ``dpr``).
         norm_eps: LayerNorm epsilon (1e-6 in DeiT).
+        scan_backend: ignored (a Transformer has no selective scan); accepted like Vim's so
+            that the commands and re-training build every backbone the same way.
     """
 
     reduction_site = "after_attention"
@@ -126,8 +128,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6):
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, scan_backend: str = "auto"):
         super().__init__()
+        self.scan_backend = scan_backend   # no selective scan here: accepted so every command builds any backbone
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, patch_size, in_chans, embed_dim)

@@ -145,14 +145,17 @@ class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer ("v2"): one selective scan per direction, averaged.
 
     The backward direction has its own conv1d / x_proj / dt_proj / A / D and sees the
-    time-flipped x and z. Input and output (B, N, E).
+    time-flipped x and z. Input and output (B, N, E). ``average=False`` sums the two
+    directions instead (VideoMamba: ``out_proj(y_fwd + flip(y_bwd))``; Vim's "div2"
+    checkpoints divide by 2, the default).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, scan_backend: str = "auto"):
+                 dt_init_floor: float = 1e-4, scan_backend: str = "auto", average: bool = True):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.average = average
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = scan_backend
@@ -212,7 +215,9 @@ class BiMambaMixer(nn.Module):
         self._scans = []
         y = self._direction(x, z, backward=False)
         y_b = self._direction(x.flip(-1), z.flip(-1), backward=True)
-        y = (y + y_b.flip(-1)) / 2                                         # (B, d_inner, N)
+        y = y + y_b.flip(-1)                                               # (B, d_inner, N)
+        if self.average:
+            y = y / 2
         if self.record:
             self.last_record = BlockRecord(self._scans[0], self._scans[1], y.detach())
             self._scans = []

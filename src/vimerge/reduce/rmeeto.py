@@ -247,6 +247,11 @@ class RMeeTo:
     # ------------------------------------------------------------------ reducer protocol
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
         self._r = self.layer_r(num_tokens, model.depth, model.reduction_site)
+        attention = model.reduction_site == "after_attention"
+        if self.metric in (SCAN_METRICS if attention else ATTENTION_METRICS):
+            offered = "X, Q, K, V" if attention else "X, B, C, delta, y"
+            raise ValueError(f"metric {self.metric!r} does not exist on {type(model).__name__} "
+                             f"({'an attention model' if attention else 'a Mamba model'}); use one of {offered}")
         if self.metric in ATTENTION_METRICS:     # the reducing block's own attention
             model.record_blocks([i for i in range(model.depth) if self._r[i] > 0])
         else:                                    # the previous block's scan (none for X)
