@@ -16,7 +16,7 @@ from vimerge.cli import main
 from vimerge.models import list_models, model_defaults
 from vimerge.ops import available_backends
 from vimerge.reduce import list_methods, parse_spec, spec_of
-from vimerge.tokens import ratio_from_counts
+from vimerge.tokens import input_shape, ratio_from_counts, token_frames
 
 PACKAGE = Path(vimerge.__file__).resolve().parent
 
@@ -161,14 +161,21 @@ def test_the_graph_walker_sees_function_level_and_relative_imports(tmp_path):
 METHOD_SPECS = {name: f"{name}:ratio=0.25" for name in list_methods()}
 
 
-def small(name: str) -> torch.nn.Module:
-    """A registered preset at reduced depth and resolution (an 8x8 patch grid, 6 blocks)."""
+def small_kwargs(name: str) -> dict:
+    """Reduced depth and resolution (an 8x8 patch grid, 6 blocks; video presets: 2 frames)."""
     d = model_defaults(name)
-    return vimerge.create_model(name, depth=6, img_size=8 * d.get("patch_size", 16)).eval()
+    frames = {"num_frames": 2 * d.get("tubelet_size", 1)} if d.get("num_frames") else {}
+    return dict(depth=6, img_size=8 * d.get("patch_size", 16), **frames)
+
+
+def small(name: str) -> torch.nn.Module:
+    """A registered preset at reduced depth and resolution (:func:`small_kwargs`)."""
+    return vimerge.create_model(name, **small_kwargs(name)).eval()
 
 
 def images_for(model, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, model.in_chans, *model.img_size)
+    """Random inputs of the model's shape: images (B, C, H, W) or clips (B, C, T, H, W)."""
+    return torch.randn(input_shape(model, batch))
 
 
 def mixer_lengths(model, x) -> list[int]:
@@ -193,12 +200,11 @@ def test_model_contract(name, tmp_path):
         out = model(x)
         state = model.forward_tokens(x)
     assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
-    assert model.num_tokens == model.grid_size[0] * model.grid_size[1] + 1 == state.num_tokens
+    assert model.num_tokens == token_frames(model) * model.grid_size[0] * model.grid_size[1] + 1 == state.num_tokens
     assert mixer_lengths(model, x) == vimerge.token_counts(model) == [model.num_tokens] * model.depth
     assert vimerge.count_flops(model) == model.flops([model.num_tokens] * model.depth)
     path = vimerge.save_checkpoint(model, tmp_path / "w.pth")
-    d = model_defaults(name)
-    again = vimerge.create_model(name, depth=6, img_size=8 * d.get("patch_size", 16), checkpoint=str(path)).eval()
+    again = vimerge.create_model(name, **small_kwargs(name), checkpoint=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(again(x), out)
 

@@ -67,6 +67,13 @@ class TokenState:
         source: (B, N, N0) optional 0/1 map of which original tokens each token holds
             (only when source tracking is on; N0 = tokens after embedding).
         layer: the index of the block about to run.
+        coords: (B, N, 2) optional long ``(frame, cell)`` of every token, given by backbones
+            whose tokens form frames (VideoMamba; None elsewhere): the token's frame (0 for an
+            image) and its cell of the patch grid (row-major); ``(-1, -1)`` for the class
+            token. Reducers read it to merge only within a frame or only across time
+            (R-MeeTo's ``scope``). :func:`merge_state` carries it: a merged token keeps the
+            coordinates of its first (lowest-index) member, which under such a scoped merge
+            share the scoped coordinate with all other members.
     """
     hidden: Tensor
     residual: Tensor | None
@@ -74,14 +81,19 @@ class TokenState:
     cls_index: int
     source: Tensor | None = None
     layer: int = 0
+    coords: Tensor | None = None
 
     @classmethod
-    def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False) -> "TokenState":
+    def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False,
+              coords: Tensor | None = None) -> "TokenState":
+        """The state entering block 0; ``coords`` (N, 2) or (B, N, 2), see the class docstring."""
         b, n, _ = tokens.shape
         source = None
         if track_source:
             source = torch.eye(n, device=tokens.device, dtype=tokens.dtype).expand(b, n, n)
-        return cls(tokens, None, tokens.new_ones(b, n, 1), cls_index, source)
+        if coords is not None:
+            coords = coords.to(tokens.device, torch.long).expand(b, n, 2)
+        return cls(tokens, None, tokens.new_ones(b, n, 1), cls_index, source, coords=coords)
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +102,7 @@ class TokenState:
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed (the tensors are shared, not copied)."""
         fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
-                      cls_index=self.cls_index, source=self.source, layer=self.layer)
+                      cls_index=self.cls_index, source=self.source, layer=self.layer, coords=self.coords)
         fields.update(changes)
         return TokenState(**fields)
 
@@ -186,9 +198,23 @@ def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum", weight: T
     merged = merge_tokens(torch.cat(streams, dim=-1) * w, plan, mode) / norm
     hidden, residual = merged.split(state.hidden.shape[-1], dim=-1) if len(streams) == 2 else (merged, None)
     source = None if state.source is None else merge_tokens(state.source, plan, "max")
+    coords = None if state.coords is None else state.coords.gather(
+        1, first_members(plan).unsqueeze(-1).expand(-1, -1, state.coords.shape[-1]))
     return state.replace(hidden=hidden.to(state.hidden.dtype),
                          residual=None if residual is None else residual.to(state.residual.dtype),
-                         size=size, cls_index=plan.cls_index, source=source)
+                         size=size, cls_index=plan.cls_index, source=source, coords=coords)
+
+
+def first_members(plan: MergePlan) -> Tensor:
+    """(B, N - r): the index of the first (lowest-index) input token of every output slot."""
+    fast = _gather_plan(plan)
+    if fast is not None:
+        return fast[0]
+    bsz, n = plan.slot.shape
+    slot = torch.where(plan.slot >= 0, plan.slot, plan.num_out)
+    first = torch.full((bsz, plan.num_out + 1), n, device=slot.device, dtype=torch.long)
+    first.scatter_reduce_(1, slot, torch.arange(n, device=slot.device).expand(bsz, n), "amin")
+    return first[:, :plan.num_out]
 
 
 # --------------------------------------------------------------------------------- scan records
@@ -261,6 +287,12 @@ class TokenModel(Protocol):
         reduction: the installed :class:`Reducer`, or None.
         in_chans, img_size: the input (B, in_chans, *img_size); grid_size: the patch grid
             (rows, columns); num_classes: the head's outputs.
+
+    Video backbones (VideoMamba) also have ``num_frames`` (T: the input is (B, in_chans, T,
+    *img_size), see :func:`input_shape`) and ``token_frames`` (frames of patch tokens, T /
+    tubelet; the patch tokens are ``token_frames`` grids of ``grid_size``, frame-major); an
+    image model has neither (read them with ``getattr(model, "num_frames", None)``) or has
+    ``num_frames = None``.
     """
     num_tokens: int
     depth: int
@@ -282,6 +314,18 @@ class TokenModel(Protocol):
         """What block ``layer`` recorded in the last forward: a Mamba block's scans
         (:class:`BlockRecord`), an attention block's queries/keys/values
         (:class:`AttentionRecord`), or None (nothing recorded)."""
+
+
+def input_shape(model: TokenModel, batch: int = 1) -> tuple[int, ...]:
+    """The input a model takes: ``(batch, in_chans, *img_size)`` for images, ``(batch,
+    in_chans, num_frames, *img_size)`` for a video model (``num_frames`` not None)."""
+    frames = getattr(model, "num_frames", None)
+    return (batch, model.in_chans, *(() if frames is None else (frames,)), *model.img_size)
+
+
+def token_frames(model: TokenModel) -> int:
+    """Frames of patch tokens: ``model.token_frames`` for a video model, else 1."""
+    return int(getattr(model, "token_frames", None) or 1)
 
 
 class Reducer(Protocol):
