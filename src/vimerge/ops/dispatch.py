@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import chunked, numba_cpu, recompute, reference  # noqa: F401  (each registers its backend)
+from . import chunked, mamba_ssm, numba_cpu, recompute, reference, triton  # noqa: F401  (each registers its backend)
 from .registry import _BACKENDS, Backend, ScanBackendNotice
 
 _NOTICED: set[str] = set()
