@@ -9,6 +9,11 @@ merged token takes its destination's place) and the class token is re-inserted a
 proportional position ``cls * (N - r) // N``. The hidden and the residual stream of the
 block are reduced with the same plan. See the table of options in the README; each maps to
 an ablation of the R-MeeTo paper.
+
+On a clip (VideoMamba) the sequence is one flat sequence, class token first, as in the
+official video code (``scope="flat"``); ``scope="frame"`` / ``"time"`` (not in the paper) let a
+token merge only with tokens of its own frame / of its own grid cell in other frames, from the
+``(frame, cell)`` coordinates the backbone puts in the token state (:func:`scoped_plan`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..tokens import (MERGE_MODES, SITES, AttentionRecord, BlockRecord, MergePlan, TokenModel, TokenState,
-                      check_convention, merge_state, ratio_from_counts)
+                      check_convention, merge_state, ratio_from_counts, token_frames)
 from .registry import option, register_method
 from .schedule import bipartite_capacity, check_r, r_for_ratio, token_counts
 
@@ -30,6 +35,10 @@ GROUPINGS = ("odd-even", "front-behind", "random")
 METRICS = ("X", "B", "C", "delta", "y", "Q", "K", "V")
 SCAN_METRICS = ("B", "C", "delta", "y")          # a Mamba block's scan, from the previous block
 ATTENTION_METRICS = ("Q", "K", "V")              # an attention block's, from the same block
+SCOPES = ("flat", "frame", "time")
+"""Which tokens may merge: any two (``flat``, the paper's: a clip is one sequence), only tokens
+of the same frame (``frame``), or only tokens of the same grid cell in different frames
+(``time``); the last two read ``TokenState.coords`` (video backbones)."""
 DEFAULT_INTERVAL = {"before_mixer": 2, "after_attention": 1}
 """R-MeeTo's schedules: every 2nd block of a Vim / VideoMamba (blocks 2, 4, ...), every block
 of a DeiT (its official ``RMeeTo_deit.py``, as ToMe)."""
@@ -136,6 +145,80 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     return MergePlan(slot, n - r, new_cls)
 
 
+def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, distance: str = "cosine",
+                kth: int = 1, prune: bool = False) -> MergePlan:
+    """Plan one R-MeeTo step in which a token merges only into a token of its own group.
+
+    ``groups`` (B, N): a group id per token (the class token's is ignored), e.g. the frame of
+    every token (R-MeeTo's ``scope="frame"``) or its grid cell (``scope="time"``). Inside each
+    group the tokens alternate between the sets A and B in sequence order (the odd-even split
+    of :func:`bipartite_plan`, applied per group, so that a group always has both when it has
+    two tokens); every A token is matched to its most similar (``kth``: k-th) B token of the same
+    group, the r best-matched A tokens merge into their partners (or are dropped, ``prune``),
+    the order is kept and the class token is re-inserted at ``cls * (N - r) // N``. The score
+    matrix is padded to the largest A and B sets of the batch, so it costs what the flat
+    matching does.
+
+    Raises:
+        ValueError: some image has fewer than r A tokens with a partner in their group.
+    """
+    bsz, n, _ = metric.shape
+    m = n - 1
+    dev = metric.device
+    with torch.no_grad(), _full_precision(dev):
+        metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
+        rest = torch.cat([metric[:, :cls_index], metric[:, cls_index + 1:]], dim=1)
+        g = torch.cat([groups[:, :cls_index], groups[:, cls_index + 1:]], dim=1).to(dev, torch.long)
+        pos = torch.arange(m, device=dev).expand(bsz, m)
+        order = (g * m + pos).argsort(dim=1)                                # by group, then position
+        sorted_g = g.gather(1, order)
+        starts = torch.ones_like(sorted_g, dtype=torch.bool)
+        starts[:, 1:] = sorted_g[:, 1:] != sorted_g[:, :-1]
+        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        rank = torch.empty_like(pos).scatter_(1, order, pos - first)        # place inside the group
+        in_a = rank % 2 == 0
+        n_a = in_a.sum(1)
+        a_max, b_max = int(n_a.max()), int((m - n_a).max())
+        a_idx = ((~in_a).long() * m + pos).argsort(dim=1)[:, :a_max]       # A tokens first, in order
+        b_idx = (in_a.long() * m + pos).argsort(dim=1)[:, :b_max]
+        a_ok = torch.arange(a_max, device=dev) < n_a[:, None]
+        b_ok = torch.arange(b_max, device=dev) < (m - n_a)[:, None]
+        pick = lambda idx: rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, rest.shape[-1]))  # noqa: E731
+        scores = _scores(pick(a_idx), pick(b_idx), distance)                # (B, a_max, b_max)
+        allowed = (g.gather(1, a_idx)[:, :, None] == g.gather(1, b_idx)[:, None, :]) & a_ok[:, :, None] & b_ok[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        k = min(kth, b_max)
+        if k == 1:
+            best, partner = scores.max(dim=-1)
+        else:
+            top = scores.topk(k, dim=-1)
+            best, partner = top.values[..., -1], top.indices[..., -1]
+        src = best.argsort(dim=-1, descending=True)[:, :r]                 # indices into a_idx
+        if not torch.isfinite(best.gather(1, src)).all():
+            have = int(torch.isfinite(best).sum(1).min())
+            raise ValueError(f"a scoped merge needs {r} tokens with a partner in their group, but an image has "
+                             f"only {have} ({m} tokens; kth={kth}); lower r or kth")
+        src_pos = a_idx.gather(1, src)
+        dst_pos = b_idx.gather(1, partner.gather(1, src))
+        kept = torch.ones(bsz, m, dtype=torch.bool, device=dev)
+        kept.scatter_(1, src_pos, False)
+        slot_rest = torch.where(kept, kept.long().cumsum(1) - 1, torch.full_like(pos, -1))
+        if not prune:
+            slot_rest.scatter_(1, src_pos, slot_rest.gather(1, dst_pos))
+        new_cls = cls_index * (n - r) // n
+        slot_rest = torch.where(slot_rest >= new_cls, slot_rest + 1, slot_rest)
+        slot = torch.cat([slot_rest[:, :cls_index], torch.full((bsz, 1), new_cls, device=dev),
+                          slot_rest[:, cls_index:]], dim=1)
+    return MergePlan(slot, n - r, new_cls)
+
+
+def scope_capacity(num_tokens: int, groups: int) -> int:
+    """Tokens a scoped step can always remove from ``num_tokens`` tokens (class token included)
+    whose patch tokens fall in at most ``groups`` groups: every group of s >= 2 tokens offers
+    ceil(s / 2) A tokens with a partner, so at least ceil((N - 1 - groups) / 2) in all."""
+    return max(0, (num_tokens - 1 - groups + 1) // 2)
+
+
 def shuffle_tokens(state: TokenState, fraction: float, generator: torch.Generator | None) -> TokenState:
     """Permute a random ``fraction`` of the non-class token positions among themselves (Table 5)."""
     n = state.num_tokens
@@ -149,7 +232,7 @@ def shuffle_tokens(state: TokenState, fraction: float, generator: torch.Generato
     perm = perm.to(state.hidden.device)
     pick = lambda t: None if t is None else t[:, perm]  # noqa: E731
     return state.replace(hidden=pick(state.hidden), residual=pick(state.residual), size=pick(state.size),
-                         source=pick(state.source))
+                         source=pick(state.source), coords=pick(state.coords))
 
 
 def matching_flops(num_in: int, width: int, r: int) -> float:
@@ -186,6 +269,8 @@ class RMeeTo:
     shuffle_ratio: float = option(0.0, "permute this fraction of tokens before each step (Table 5)")
     select: str = option("top", "which matched tokens merge (App. D.4)", choices=("top", "random"))
     pair: str = option("best", "merge into the matched or a random partner (App. D.4)", choices=("best", "random"))
+    scope: str = option("flat", "which tokens may merge on a video model: any (flat, the paper's), only within "
+                                "a frame (frame) or only across time at one grid cell (time)", choices=SCOPES)
     track_source: bool = option(False, "keep the map of original tokens per token (for pictures)", cli=False)
     seed: int | None = option(None, "seed of the random options")
 
@@ -199,9 +284,16 @@ class RMeeTo:
         for value, allowed, what in ((self.distance, DISTANCES, "distance"), (self.mode, tuple(MERGE_MODES), "mode"),
                                      (self.grouping, GROUPINGS, "grouping"), (self.metric, METRICS, "metric"),
                                      (self.select, ("top", "random"), "select"),
-                                     (self.pair, ("best", "random"), "pair")):
+                                     (self.pair, ("best", "random"), "pair"), (self.scope, SCOPES, "scope")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if self.scope != "flat":
+            other = [f"{k}={v}" for k, v, default in (("grouping", self.grouping, "odd-even"), ("select", self.select, "top"),
+                                                      ("pair", self.pair, "best"), ("ordered", self.ordered, True))
+                     if v != default]
+            if other:
+                raise ValueError(f"scope={self.scope!r} splits every group odd-even and merges the best pairs in "
+                                 f"order; it does not combine with {', '.join(other)}")
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
         if self.kth < 1:
@@ -236,7 +328,8 @@ class RMeeTo:
 
     def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
         """The matching at every block where tokens disappear (:func:`matching_flops`), counted
-        as in the paper (a multiply-add is one FLOP) or twice that for ``"full"``."""
+        as in the paper (a multiply-add is one FLOP) or twice that for ``"full"``. A scoped
+        merge (``scope`` frame/time) computes the same padded score matrix: the same count."""
         mult, total, prev = check_convention(convention), 0.0, num_tokens
         for n in counts:
             if n < prev:
@@ -247,6 +340,8 @@ class RMeeTo:
     # ------------------------------------------------------------------ reducer protocol
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
         self._r = self.layer_r(num_tokens, model.depth, model.reduction_site)
+        if self.scope != "flat":
+            self._check_scope(model, num_tokens)
         attention = model.reduction_site == "after_attention"
         if self.metric in (SCAN_METRICS if attention else ATTENTION_METRICS):
             offered = "X, Q, K, V" if attention else "X, B, C, delta, y"
@@ -259,6 +354,21 @@ class RMeeTo:
             model.record_blocks([i for i in range(model.depth - 1) if needs and self._r[i + 1] > 0])
         if self._generator is None and self.seed is not None:
             self._generator = torch.Generator().manual_seed(self.seed)
+
+    def _check_scope(self, model: TokenModel, num_tokens: int) -> None:
+        """A scoped merge needs token coordinates and, at every step, r within its capacity."""
+        if getattr(model, "token_frames", None) is None:
+            raise ValueError(f"scope={self.scope!r} needs a model whose tokens form frames (a video backbone such "
+                             f"as VideoMamba); {type(model).__name__} has none: use scope='flat'")
+        cells = model.grid_size[0] * model.grid_size[1]
+        groups = token_frames(model) if self.scope == "frame" else cells
+        n = num_tokens
+        for layer, r in enumerate(self._r):
+            cap = scope_capacity(n, groups)
+            if r > cap:
+                raise ValueError(f"scope={self.scope!r}: block {layer} gets {n} tokens in up to {groups} groups, of "
+                                 f"which a merge can always remove {cap}; r={r} is more: lower r (or the ratio)")
+            n -= min(r, bipartite_capacity(n))
 
     def rng_state(self) -> Tensor | None:
         """The state of the random options' generator (None until a seeded forward made one);
@@ -298,6 +408,14 @@ class RMeeTo:
         if self.shuffle_ratio > 0:
             state = shuffle_tokens(state, self.shuffle_ratio, self._generator)
         metric = self._metric(state, model)
+        if self.scope != "flat":
+            if state.coords is None:
+                raise ValueError(f"scope={self.scope!r} needs the tokens' (frame, cell) coordinates, which "
+                                 f"{type(model).__name__} does not provide; use scope='flat'")
+            groups = state.coords[..., 0 if self.scope == "frame" else 1]
+            plan = scoped_plan(metric, groups, state.cls_index, r, distance=self.distance, kth=self.kth,
+                               prune=self.drop)
+            return merge_state(state, plan, self.mode)
         plan = bipartite_plan(metric, state.cls_index, r, distance=self.distance, kth=self.kth,
                               grouping=self.grouping, select=self.select, pair=self.pair,
                               ordered=self.ordered, prune=self.drop, generator=self._generator)

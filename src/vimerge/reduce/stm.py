@@ -30,6 +30,13 @@ its nearest position, ``S / T_s`` tokens from the class token, exactly when the 
 the token next to the class token is never removed (at most ``S - 1`` per side). Blocks
 ``start_layer, start_layer + 1, ...`` each take the next ``per_side`` positions of every side
 (fewer in the last one), and reduction stops once ``T`` tokens are gone.
+
+A class token at position 0 (DeiT, VideoMamba): the left side is empty (``L = 0``), so the
+right side gives all ``T`` tokens, swept from the last token toward the class token, each merged
+into its nearest remaining left neighbour (the backward scan, which carries the right side to
+the class token, supplies its HSP weights). On a clip the sweep runs over the flat sequence,
+from the last frame's last patch backwards; this is also STM's "one side" setting. ``sides=
+"left"``/``"right"`` (STM Table 3) asks for that on any backbone: every removal on one side.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ from ..tokens import (BlockRecord, MergePlan, TokenModel, TokenState, check_conv
 from .registry import option, register_method
 
 COLLAPSES = ("attention", "decay")
+SIDES = ("both", "left", "right")
+"""Where BNNM merges (STM Table 3, "one side" vs "both sides"): both sides of the class token
+(the default), or only its left / right side, which then gives every removed token."""
 
 
 # ---------------------------------------------------------------------------- BNNM schedule
@@ -106,13 +116,18 @@ def default_per_side(final_ratio: float) -> int:
     return 1 if final_ratio <= 0.15 else 2
 
 
-def side_targets(total: int, left: int, right: int) -> tuple[int, int]:
+def side_targets(total: int, left: int, right: int, sides: str = "both") -> tuple[int, int]:
     """Split ``total`` removals between the sides; the odd one to the longer side (left on a tie).
 
     A class token at an end (position 0, as in DeiT or VideoMamba, or the last position) leaves
     one side empty: every removal is then on the other side, whose tokens merge toward the
-    class token in the scan that carries them to it.
+    class token in the scan that carries them to it. ``sides="left"`` / ``"right"`` (STM's
+    one-side ablation) puts every removal on that side, whatever the other holds.
     """
+    if sides not in SIDES:
+        raise ValueError(f"unknown sides {sides!r}; choose one of {', '.join(SIDES)}")
+    if sides != "both":
+        return (total, 0) if sides == "left" else (0, total)
     if left == 0 or right == 0:
         return (total, 0) if right == 0 else (0, total)
     small, big = total // 2, total - total // 2
@@ -125,7 +140,8 @@ def sweep_offsets(side_len: int, count: int) -> list[int]:
 
 
 def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int | None,
-                start_layer: int, cls_index: int | None) -> tuple[int, int, int, int, int, int, int]:
+                start_layer: int, cls_index: int | None, sides: str = "both"
+                ) -> tuple[int, int, int, int, int, int, int]:
     """Validate a BNNM request; returns (c, left, right, t_left, t_right, per_side, need)."""
     check_final_ratio(final_ratio)
     if per_side is None:
@@ -139,7 +155,7 @@ def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int |
         raise ValueError(f"class token index {c} is outside a sequence of {num_tokens} tokens")
     left, right = c, num_tokens - 1 - c
     total = target_tokens(final_ratio, num_tokens)
-    t_left, t_right = side_targets(total, left, right)
+    t_left, t_right = side_targets(total, left, right, sides)
     cap = max(left - 1, 0), max(right - 1, 0)   # the class token's neighbours stay
     if total and per_side > max(cap):
         raise ValueError(f"per_side={per_side} is more than the {max(cap)} tokens one side of the class "
@@ -158,12 +174,12 @@ def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int |
 
 
 def bnnm_counts(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
-                start_layer: int = 1, cls_index: int | None = None) -> list[int]:
+                start_layer: int = 1, cls_index: int | None = None, sides: str = "both") -> list[int]:
     """Tokens each block's mixer sees under the BNNM schedule, without building it (the same
     numbers as ``schedule_counts(bnnm_schedule(...))``: block ``start_layer + k`` removes
     ``min(per_side, T_s - k per_side)`` tokens from each side ``s`` that has some left)."""
     _, _, _, t_left, t_right, p, need = _plan_sides(num_tokens, depth, final_ratio, per_side, start_layer,
-                                                    cls_index)
+                                                    cls_index, sides)
     counts, n = [], num_tokens
     for layer in range(depth):
         k = layer - start_layer
@@ -174,14 +190,16 @@ def bnnm_counts(num_tokens: int, depth: int, final_ratio: float, per_side: int |
 
 
 def bnnm_schedule(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
-                  start_layer: int = 1, cls_index: int | None = None) -> list[MergeStep | None]:
+                  start_layer: int = 1, cls_index: int | None = None, sides: str = "both"
+                  ) -> list[MergeStep | None]:
     """The BNNM step of every block (None where a block does not reduce).
 
-    ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``. Raises ValueError
-    for requests that cannot be met (see the module docstring for the positions).
+    ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``; ``sides`` (see
+    :data:`SIDES`) restricts the merging to one side. Raises ValueError for requests that
+    cannot be met (see the module docstring for the positions).
     """
     c, left, right, t_left, t_right, per_side, need = _plan_sides(
-        num_tokens, depth, final_ratio, per_side, start_layer, cls_index)
+        num_tokens, depth, final_ratio, per_side, start_layer, cls_index, sides)
     queues = ([p for p in sweep_offsets(left, t_left)],
               [num_tokens - 1 - d for d in sweep_offsets(right, t_right)])
     alive = list(range(num_tokens))       # original positions of the current tokens
@@ -219,7 +237,7 @@ def schedule_counts(steps: list[MergeStep | None], num_tokens: int) -> list[int]
 @functools.lru_cache(maxsize=256)
 def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, start_layer: int = 1,
                             max_error: float = 0.03, per_side: int | None = None,
-                            cls_index: int | None = None) -> dict[str, float | int]:
+                            cls_index: int | None = None, sides: str = "both") -> dict[str, float | int]:
     """STM settings (``final_ratio``, ``per_side``) whose mean-token reduction ratio is nearest
     ``mean_ratio``.
 
@@ -232,11 +250,11 @@ def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, star
     if not 0.0 <= mean_ratio < 1.0:
         raise ValueError(f"a mean-token reduction ratio must be in [0, 1), got {mean_ratio}")
     best: tuple[float, int, int] | None = None
-    sides = range(1, num_tokens // 2 + 1) if per_side is None else (per_side,)
-    for p in sides:
+    widths = range(1, num_tokens // 2 + 1) if per_side is None else (per_side,)
+    for p in widths:
         for k in range(num_tokens):
             try:
-                counts = bnnm_counts(num_tokens, depth, k / num_tokens, p, start_layer, cls_index)
+                counts = bnnm_counts(num_tokens, depth, k / num_tokens, p, start_layer, cls_index, sides)
             except ValueError:
                 break                      # larger k needs more tokens or blocks than exist
             got = ratio_from_counts(counts, num_tokens)
@@ -345,6 +363,10 @@ class STM:
             default) or "decay" (ignore B and C). See docs/stm.md.
         max_weight: HSP weights are clipped to [0, max_weight]; the default 1 lets no absorbed
             token outweigh the token it merges into (measured best of 1, 2, 4, none).
+        sides: "both" (default) merges on both sides of the class token; "left" or "right"
+            merges on that side only (STM Table 3's one-side ablation), which gives every
+            removed token. A class token at position 0 (DeiT, VideoMamba) has only a right
+            side: "both" and "right" are the same there, "left" cannot remove anything.
         track_source: keep the (B, N, N0) map of original tokens per token.
 
     After a forward, ``weights`` maps each reducing block to its (B, P) HSP weights (in the
@@ -359,6 +381,7 @@ class STM:
                        action="store_false")
     collapse: str = option("attention", "STM: HSP coefficients per token (docs/stm.md)", choices=COLLAPSES)
     max_weight: float = option(1.0, "STM: clip HSP weights to [0, max_weight]")
+    sides: str = option("both", "STM: merge on both sides of the class token, or on one (Table 3)", choices=SIDES)
     track_source: bool = option(False, "keep the map of original tokens per token (for pictures)", cli=False)
 
     def __post_init__(self) -> None:
@@ -379,6 +402,8 @@ class STM:
             raise ValueError(f"unknown collapse {self.collapse!r}; choose one of {', '.join(COLLAPSES)}")
         if not self.max_weight > 0:
             raise ValueError(f"max_weight must be > 0, got {self.max_weight}")
+        if self.sides not in SIDES:
+            raise ValueError(f"unknown sides {self.sides!r}; choose one of {', '.join(SIDES)}")
         self._steps: list[MergeStep | None] = []
         self.weights: dict[int, Tensor] = {}
         self.fallbacks: list[tuple[int, str]] = []
@@ -390,19 +415,19 @@ class STM:
         if self.final_ratio is not None:
             return self.final_ratio, self.per_side or default_per_side(self.final_ratio)
         found = settings_for_mean_ratio(self.ratio, num_tokens, depth, self.start_layer,
-                                        per_side=self.per_side, cls_index=cls_index)
+                                        per_side=self.per_side, cls_index=cls_index, sides=self.sides)
         return found["final_ratio"], found["per_side"]
 
     def schedule(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[MergeStep | None]:
         """The BNNM step of every block (see :func:`bnnm_schedule`)."""
         final, per_side = self.settings(num_tokens, depth, cls_index)
-        return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index)
+        return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides)
 
     def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
                      site: str = "before_mixer") -> list[int]:
         """Tokens each block's mixer sees (class token by default at ``(num_tokens - 1) // 2``, as in Vim)."""
         final, per_side = self.settings(num_tokens, depth, cls_index)
-        return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index)
+        return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides)
 
     def reduction_ratio(self, num_tokens: int, depth: int) -> float:
         """1 - mean tokens per block / initial tokens."""
