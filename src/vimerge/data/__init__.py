@@ -1,4 +1,5 @@
-"""Evaluation data without torchvision: ImageFolder directories and Fashion-MNIST IDX files.
+"""Evaluation data without torchvision: ImageFolder directories, Fashion-MNIST IDX files and
+video clips (:class:`VideoDataset`, class folders of videos or annotation lists, with PyAV).
 
 >>> from vimerge.data import open_dataset, make_loader
 >>> ds = open_dataset("/data/imagenet/val", img_size=224, channels=3)    # ImageFolder layout
@@ -16,6 +17,7 @@ from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from .fashion_mnist import FashionMNIST, FashionMNISTNotFound, is_fashion_mnist_dir, load_split, read_idx
 from .imagefolder import IMG_EXTENSIONS, Batch, DatasetError, ImageFolder, Skipped, collate_skipping, subset_evenly
+from .video import VIDEO_EXTENSIONS, VideoDataset, is_video_source
 from .transforms import (
     DEFAULT_CROP_PCT,
     IMAGENET_MEAN,
@@ -115,4 +117,5 @@ __all__ = ["open_dataset", "make_loader", "detect_kind", "split_dir", "SPLIT_NAM
            "FashionMNISTNotFound", "DatasetError", "Skipped", "Batch", "collate_skipping",
            "subset_evenly", "read_idx", "load_split", "is_fashion_mnist_dir", "EvalTransform",
            "resize_shorter", "center_crop", "to_tensor", "normalize", "IMAGENET_MEAN", "IMAGENET_STD",
-           "DEFAULT_CROP_PCT", "IMG_EXTENSIONS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT"]
+           "DEFAULT_CROP_PCT", "IMG_EXTENSIONS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "VideoDataset",
+           "is_video_source", "VIDEO_EXTENSIONS"]
