@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import vimerge
 from vimerge.ops import available_backends, resolve_backend, selective_scan
+from vimerge.ops import triton as triton_scan
 
 VIM_S = dict(d=768, n=16, L=197)
 VIDEOMAMBA_S = dict(d=768, n=16, L=1569)
@@ -213,7 +214,6 @@ def _why(backend: str, dev: Device) -> str:
 def sweep_section(dev: Device, args, budget: Budget, rows: list) -> None:
     if "triton" not in available_backends(dev.dev.type) or args.skip_sweep:
         return
-    from vimerge.ops import triton as triton_scan
     shape = dict(b=4, d=64, n=16, L=197) if args.smoke else dict(b=128, **VIM_S)
     print(f"\n## Triton block sizes (scan at b{shape['b']} L{shape['L']}; default "
           f"block_d={triton_scan.BLOCK_D}, block_t={triton_scan.BLOCK_T})\n")
