@@ -1,7 +1,7 @@
 """Pictures of merged tokens (R-MeeTo appendix D.5): the patches of every final token share a colour.
 
 ``token_groups`` runs a reduced model with source tracking and says, for every patch of the
-grid, which final token holds it; ``draw_groups`` paints those groups over the image (a colour
+grid (of every frame of a clip), which final token holds it; ``draw_groups`` paints those groups over the image (a colour
 per group, blended with the picture, and a dark line where neighbouring patches belong to
 different groups); ``figure`` lays several images and configurations out in one PNG.
 """
@@ -15,9 +15,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .tokens import token_frames
+
 
 def token_groups(model, images: Tensor) -> Tensor:
-    """(B, C, H, W) images -> (B, grid_h, grid_w) index of the final token holding each patch.
+    """(B, C, H, W) images -> (B, grid_h, grid_w) index of the final token holding each patch;
+    for a video model, (B, C, T, H, W) clips -> (B, token_frames, grid_h, grid_w), the ids shared
+    by all frames of a clip (a token merged across frames has one id, drawn in one colour).
 
     Final tokens are numbered in their output order; the class token is left out. A patch
     that no final token holds (pruned) gets -1.
@@ -29,6 +33,8 @@ def token_groups(model, images: Tensor) -> Tensor:
     owner = owner.masked_fill(source.sum(dim=1) == 0, -1)     # pruned patches
     keep = [t for t in range(source.shape[-1]) if t != model.cls_index]
     gh, gw = model.grid_size
+    if getattr(model, "num_frames", None) is not None:
+        return owner[:, keep].reshape(-1, token_frames(model), gh, gw)
     return owner[:, keep].reshape(-1, gh, gw)
 
 

@@ -122,6 +122,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the online ones, with a warning)")
     g.add_argument("--num-classes", type=int, default=None, help="head size (default: the preset's)")
     g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the preset's)")
+    g.add_argument("--num-frames", type=positive_int, default=None, metavar="T",
+                   help="frames per clip of a video model (VideoMamba: videomamba_*_k400 take 8; with an image "
+                        "preset, e.g. videomamba_tiny, builds its video model; default: the preset's)")
     g.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other constructor argument, e.g. --set depth=8 --set embed_dim=96 "
@@ -147,6 +150,11 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["num_classes"] = args.num_classes
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
+    if getattr(args, "num_frames", None) is not None:
+        if accepted is not None and "num_frames" not in accepted:
+            raise CommandError(f"--num-frames: {args.model or DEFAULT_MODEL} is an image model; video models "
+                               f"are VideoMamba's (e.g. --model videomamba_tiny_k400)")
+        kwargs["num_frames"] = args.num_frames
     return kwargs
 
 

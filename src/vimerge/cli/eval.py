@@ -14,6 +14,12 @@ Data: ``--data DIR`` is an ImageFolder directory or Fashion-MNIST's IDX files; a
 holding split folders (``train/`` and ``val/``) is read at its ``val`` folder (the rule of
 ``vimerge retrain``: :func:`vimerge.data.split_dir`). Without ``--data``, a one-channel
 28x28 model (``vim_fmnist``) is evaluated on the installed Fashion-MNIST test split.
+
+Video models (VideoMamba, ``videomamba_*_k400`` or ``--num-frames T``): ``--data`` is a folder
+of class folders of videos (split folders as above) or an annotation list (``path label`` per
+line, paths relative to the list's folder or ``--video-root``), read with PyAV
+(:class:`vimerge.data.VideoDataset`); ``--num-clips``/``--num-crops`` evaluate several views
+per video (K400's 4 x 3) and average their logits.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Any
 
 import torch
 
-from vimerge.data import FASHION_MNIST_ROOT, detect_kind, make_loader, open_dataset, split_dir
-from vimerge.measure.evaluate import evaluate
+from vimerge.data import FASHION_MNIST_ROOT, VideoDataset, detect_kind, make_loader, open_dataset, split_dir
+from vimerge.measure.evaluate import evaluate, view_logits
 from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
 from vimerge.reduce import apply, parse_spec, spec_of
@@ -74,6 +80,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "crop (default: 0.875, 256 -> 224)")
     g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear", "lanczos", "nearest"],
                    help="ImageFolder resize filter (default: bicubic)")
+    v = p.add_argument_group("video data (video models)")
+    v.add_argument("--num-clips", type=positive_int, default=1,
+                   help="temporal clips per video, logits averaged (K400: 4; default: 1)")
+    v.add_argument("--num-crops", type=positive_int, default=1,
+                   help="spatial crops per clip along the longer side, logits averaged (K400: 3; default: 1)")
+    v.add_argument("--video-root", metavar="DIR",
+                   help="folder the paths of an annotation list (--data FILE) are relative to "
+                        "(default: the list's folder)")
+    v.add_argument("--list-separator", default=None, metavar="SEP",
+                   help="field separator of an annotation list (default: whitespace; ',' for CSV lists)")
     o = p.add_argument_group("evaluation output")
     o.add_argument("--sweep", metavar="SPECS",
                    help='evaluate several reductions in one run: specs separated by ";", e.g. '
@@ -140,8 +156,21 @@ def _skipped_text(skipped: list[str]) -> str:
 
 def _data_source(args: argparse.Namespace, model) -> tuple[str, str | None]:
     """(kind, directory) of the evaluation data: ``--data`` (a dataset root with split folders
-    read at the split's folder), else the installed Fashion-MNIST for a one-channel 28x28 model."""
+    read at the split's folder), else the installed Fashion-MNIST for a one-channel 28x28 model;
+    ``"video"`` for a video model."""
     kind, data = args.dataset, args.data
+    if getattr(model, "num_frames", None) is not None:
+        if data is None:
+            raise CommandError(f"{args.model} is a video model ({model.num_frames} frames): give --data, a folder "
+                               f"of class folders of videos or an annotation list ('path label' per line)")
+        if kind != "auto":
+            raise CommandError(f"--dataset {kind}: {args.model} is a video model and reads videos (drop --dataset)")
+        if os.path.isdir(data):
+            data = str(split_dir(data, "val" if args.split == "test" else args.split))
+        return "video", data
+    if args.num_clips > 1 or args.num_crops > 1 or args.video_root or args.list_separator:
+        raise CommandError(f"--num-clips/--num-crops/--video-root/--list-separator are for video models; "
+                           f"{args.model} takes images")
     if data is None:
         if kind == "imagefolder":
             raise CommandError("--dataset imagefolder needs --data DIR")
@@ -170,7 +199,7 @@ def _warm_up(model, specs: list[str], loader, device: torch.device) -> None:
         with torch.inference_mode():
             for spec in specs:
                 apply(model, spec)
-                model(images)
+                view_logits(model, images)
         return
 
 
@@ -190,9 +219,16 @@ def run(args: argparse.Namespace) -> int:
         model_cost(model)
     kind, data = _data_source(args, model)
     device = torch.device(args.device)
-    dataset = open_dataset(data, kind=kind, img_size=model.img_size, channels=model.in_chans,
-                           split=args.split, limit=args.limit, mean=args.mean, std=args.std,
-                           crop_pct=args.crop_pct, interpolation=args.interpolation)
+    if kind == "video":
+        listing = data if os.path.isfile(data) else None
+        dataset = VideoDataset(args.video_root if listing else data, annotations=listing,
+                               num_frames=model.num_frames, img_size=model.img_size, channels=model.in_chans,
+                               num_clips=args.num_clips, num_crops=args.num_crops, mean=args.mean, std=args.std,
+                               limit=args.limit, separator=args.list_separator)
+    else:
+        dataset = open_dataset(data, kind=kind, img_size=model.img_size, channels=model.in_chans,
+                               split=args.split, limit=args.limit, mean=args.mean, std=args.std,
+                               crop_pct=args.crop_pct, interpolation=args.interpolation)
     classes = list(getattr(dataset, "classes", []))
     if len(classes) > model.num_classes:
         raise CommandError(f"the data set has {len(classes)} classes but the model has {model.num_classes} "
@@ -207,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             "data": str(getattr(dataset, "root", data)), "split": args.split if kind == "fashion-mnist" else None,
             "classes": len(classes), "img_size": list(model.img_size), "channels": model.in_chans,
             "device": str(device), "batch_size": args.batch_size}
+    if kind == "video":
+        info.update(num_frames=model.num_frames, views=args.num_clips * args.num_crops)
 
     _warm_up(model, specs, loader, device)
     skipped: list[str] = []

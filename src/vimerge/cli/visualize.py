@@ -1,4 +1,6 @@
-"""``vimerge visualize``: the merged token groups drawn on images (R-MeeTo appendix D.5)."""
+"""``vimerge visualize``: the merged token groups drawn on images (R-MeeTo appendix D.5), or on
+the frames of a clip for a video model (``--video``: one row of frames per clip, one colour per
+final token, shared across the frames it spans)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from PIL import Image, UnidentifiedImageError
 
 from vimerge.data.fashion_mnist import MEAN as FMNIST_MEAN
 from vimerge.data.fashion_mnist import STD as FMNIST_STD
+from vimerge.data import DatasetError
 from vimerge.data.transforms import EvalTransform
+from vimerge.data.video import read_clip
 from vimerge.reduce import spec_of
 from vimerge.viz import draw_groups, figure, token_groups
 
@@ -19,7 +23,9 @@ HELP = "draw the merged token groups on images (R-MeeTo App. D.5)"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", nargs="+", required=True, help="image file(s)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs="+", help="image file(s)")
+    src.add_argument("--video", nargs="+", help="video file(s), for a video model (VideoMamba, --num-frames)")
     p.add_argument("--output", "-o", default="merged_tokens.png", metavar="FILE",
                    help="PNG to write; missing directories are created")
     p.add_argument("--out", dest="output", help=argparse.SUPPRESS)   # the old spelling
@@ -38,6 +44,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = writable_path(args.output, "--output")
     model = build_model(args)
+    video = getattr(model, "num_frames", None) is not None
+    if video != bool(args.video):
+        raise CommandError(f"{args.model} is a video model: give --video FILE" if video else
+                           f"--video needs a video model (VideoMamba: --model videomamba_tiny_k400 or --num-frames); "
+                           f"{args.model} takes images")
+    if video:
+        return _run_video(args, model, out)
     channels, size = model.in_chans, model.img_size
     fmnist_like = channels == 1 and size == (28, 28)
     mean = args.mean if args.mean is not None else ((FMNIST_MEAN,) if fmnist_like else None)
@@ -62,4 +75,33 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, ["image", f"{spec_of(model.reduction)}: {n_final} tokens"]).save(out)
     print(f"wrote {out}: {len(rows)} image(s), {gh * gw} patches -> {n_final} tokens")
+    return 0
+
+
+def _run_video(args: argparse.Namespace, model, out) -> int:
+    """One row of frames per clip: the frames, then the same frames with the groups drawn."""
+    clips, frames = [], []
+    for path in args.video:
+        try:
+            clip, crops = read_clip(path, model.num_frames, model.img_size, channels=model.in_chans,
+                                    mean=args.mean, std=args.std)
+        except (OSError, ValueError, DatasetError) as exc:
+            raise CommandError(f"cannot read video {path!r} ({exc})") from exc
+        clips.append(clip)
+        frames.append(crops)
+    groups = token_groups(model, torch.stack(clips))                  # (B, T', gh, gw)
+    t, gh, gw = groups.shape[1:]
+    tubelet = model.num_frames // t
+    cell = args.cell or max(6, 112 // max(gh, gw))
+    rows = []
+    for crops, g in zip(frames, groups):
+        shown = [crops[k * tubelet] for k in range(t)]          # the first frame of every tubelet
+        rows.append([f.convert("RGB").resize((gw * cell, gh * cell), Image.BICUBIC) for f in shown])
+        rows.append([draw_groups(f, g[k], cell=cell) for k, f in enumerate(shown)])
+    n_final = int(groups[0].max()) + 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    titles = [f"{spec_of(model.reduction)}: {n_final} tokens; frames {', '.join(str(k * tubelet) for k in range(t))}"]
+    titles += [""] * (t - 1)        # one line over the whole row
+    figure(rows, titles).save(out)
+    print(f"wrote {out}: {len(clips)} clip(s), {t} x {gh * gw} patches -> {n_final} tokens")
     return 0

@@ -132,6 +132,7 @@ class VideoDataset(Dataset):
         separator: the annotation list's field separator (None: whitespace).
         extensions: file endings counted as videos in class folders.
         seed: seed of random sampling (mixed with the index and an epoch counter).
+        samples: ``(path, label)`` pairs instead of ``root``/``annotations``.
     """
 
     def __init__(self, root: str | os.PathLike | None, *, annotations: str | os.PathLike | None = None,
@@ -139,7 +140,8 @@ class VideoDataset(Dataset):
                  num_clips: int = 1, num_crops: int = 1, channels: int = 3, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, interpolation: str = "bilinear", sampling: str = "uniform",
                  limit: int | None = None, separator: str | None = None,
-                 extensions: Sequence[str] = VIDEO_EXTENSIONS, seed: int = 0):
+                 extensions: Sequence[str] = VIDEO_EXTENSIONS, seed: int = 0,
+                 samples: Sequence[tuple[str, int]] | None = None):
         require_av()
         if num_frames < 1 or num_clips < 1 or num_crops < 1:
             raise ValueError(f"num_frames, num_clips and num_crops must be >= 1, got {num_frames}, {num_clips}, "
@@ -159,7 +161,13 @@ class VideoDataset(Dataset):
                                      else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD))
         self.mean = _per_channel(default_mean if mean is None else mean, channels, "mean")
         self.std = _per_channel(default_std if std is None else std, channels, "std")
-        if annotations is not None:
+        if samples is not None:
+            samples = [(os.fspath(p), int(label)) for p, label in samples]
+            if not samples:
+                raise DatasetError("no videos given (samples is empty)")
+            self.root = Path(root).expanduser() if root is not None else Path(samples[0][0]).parent
+            self.classes = [str(i) for i in range(max(label for _, label in samples) + 1)]
+        elif annotations is not None:
             listing = Path(annotations).expanduser()
             self.root = Path(root).expanduser() if root is not None else listing.parent
             samples = read_annotations(listing, self.root, separator)
@@ -190,8 +198,8 @@ class VideoDataset(Dataset):
         return [segment_indices(total, self.num_frames, c, self.num_clips, gen, self.sampling)
                 for c in range(self.num_clips)]
 
-    def views(self, frames: list[Image.Image]) -> list[Tensor]:
-        """The ``num_crops`` crops of one clip's frames, each (C, T, H, W)."""
+    def crops(self, frames: list[Image.Image]) -> list[list[Image.Image]]:
+        """The ``num_crops`` crops of one clip's frames (resized, cropped PIL frames)."""
         h, w = self.img_size
         resized = [_resize_shorter(to_mode(f, self.channels), self.short_side, self.interpolation) for f in frames]
         width, height = resized[0].size
@@ -203,9 +211,16 @@ class VideoDataset(Dataset):
             else:
                 top = crop_offsets(height, h, self.num_crops)[k]
                 left = int(round((width - w) / 2))
-            frames_t = torch.stack([to_tensor(f.crop((left, top, left + w, top + h))) for f in resized])
-            out.append(normalize(frames_t, self.mean, self.std).transpose(0, 1))     # (C, T, H, W)
+            out.append([f.crop((left, top, left + w, top + h)) for f in resized])
         return out
+
+    def to_clip(self, frames: list[Image.Image]) -> Tensor:
+        """Cropped PIL frames -> a normalised (C, T, H, W) clip."""
+        return normalize(torch.stack([to_tensor(f) for f in frames]), self.mean, self.std).transpose(0, 1)
+
+    def views(self, frames: list[Image.Image]) -> list[Tensor]:
+        """The ``num_crops`` crops of one clip's frames, each (C, T, H, W)."""
+        return [self.to_clip(crop) for crop in self.crops(frames)]
 
     def load(self, path: str, index: int) -> Tensor:
         """The views of one video: (C, T, H, W), or (V, C, T, H, W) for several."""
@@ -219,6 +234,16 @@ class VideoDataset(Dataset):
                              f"does not decode ({len(images)} of {len(wanted)} needed frames read)")
         views = [v for clip in clips for v in self.views([images[i] for i in clip])]
         return views[0] if len(views) == 1 else torch.stack(views)
+
+    def read(self, path: str, index: int = 0) -> tuple[Tensor, list[Image.Image]]:
+        """One video's first view as ``(clip (C, T, H, W), its cropped PIL frames)`` (for pictures)."""
+        total = _known_count(path) or read_frames(path)[0]
+        indices = self.clip_indices(total, index)[0]
+        _, images = read_frames(path, sorted(set(indices)))
+        if any(i not in images for i in indices):
+            raise ValueError(f"truncated: frames {[i for i in indices if i not in images][:3]} do not decode")
+        frames = self.crops([images[i] for i in indices])[0]
+        return self.to_clip(frames), frames
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
@@ -235,6 +260,19 @@ class VideoDataset(Dataset):
         return (f"VideoDataset({str(self.root)!r}, {len(self.classes)} classes, {len(self)} videos, "
                 f"{self.num_frames} frames, {self.img_size[0]}x{self.img_size[1]}, {self.num_clips} clip(s) x "
                 f"{self.num_crops} crop(s), sampling={self.sampling!r})")
+
+
+def read_clip(path: str | os.PathLike, num_frames: int, img_size: int | Sequence[int] = 224, *, channels: int = 3,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+              ) -> tuple[Tensor, list[Image.Image]]:
+    """One video file as a normalised (C, T, H, W) clip (the evaluation sampling: one clip, the
+    centre crop) and the cropped PIL frames it was made of."""
+    if not Path(path).expanduser().is_file():
+        raise DatasetError(f"video {path} does not exist")
+    name = os.fspath(Path(path).expanduser())
+    reader = VideoDataset(None, samples=[(name, 0)], num_frames=num_frames, img_size=img_size, channels=channels,
+                          mean=mean, std=std)
+    return reader.read(name)
 
 
 def _known_count(path: str) -> int:
@@ -294,5 +332,5 @@ def is_video_source(path: str | os.PathLike) -> bool:
     return False
 
 
-__all__ = ["VideoDataset", "segment_indices", "crop_offsets", "read_frames", "read_annotations",
+__all__ = ["VideoDataset", "read_clip", "segment_indices", "crop_offsets", "read_frames", "read_annotations",
            "is_video_source", "require_av", "VIDEO_EXTENSIONS", "SAMPLINGS"]

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..tokens import input_shape
 from .memory import reset_peak, rss_mb, trim_heap
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +52,7 @@ class _ReduceTimer:
 
 
 def _runner(model, batch_size: int, dtype: str, dev: torch.device):
-    images = torch.randn(batch_size, model.in_chans, *model.img_size, device=dev)
+    images = torch.randn(input_shape(model, batch_size), device=dev)     # images, or clips of a video model
     autocast = torch.autocast(dev.type, dtype=DTYPES[dtype]) if dtype != "fp32" else None
 
     def run() -> None:

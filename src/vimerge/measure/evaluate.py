@@ -43,6 +43,17 @@ def _skip_record(item: Any) -> tuple[str, str]:
     return str(path), str(reason)
 
 
+def view_logits(model, inputs: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)``; a batch of several views per sample, ``(B, V, ...)`` with one dimension
+    more than the model takes (e.g. the clips x crops of :class:`vimerge.data.VideoDataset`), gives
+    the mean of the views' logits (the multi-view evaluation of video models)."""
+    takes = 5 if getattr(model, "num_frames", None) else 4
+    if inputs.dim() != takes + 1:
+        return model(inputs)
+    b, v = inputs.shape[:2]
+    return model(inputs.flatten(0, 1)).view(b, v, -1).mean(1)
+
+
 def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = True,
              desc: str = "eval", warn_skipped: bool = True, per_image: bool = False,
              amp_dtype: torch.dtype | None = None) -> dict:
@@ -98,10 +109,10 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
                 images = images.to(device, non_blocking=True)
                 labels = torch.as_tensor(labels).to(device, dtype=torch.long)
                 if amp_dtype is None:
-                    logits = model(images).float()
+                    logits = view_logits(model, images).float()
                 else:
                     with torch.autocast(device.type, dtype=amp_dtype):
-                        logits = model(images).float()
+                        logits = view_logits(model, images).float()
                 num_classes = logits.shape[-1]
                 if int(labels.max()) >= num_classes or int(labels.min()) < 0:
                     raise ValueError(f"label {int(labels.max())} is outside the model's "
@@ -138,4 +149,4 @@ def evaluate(model, loader: Iterable, *, device: Any = "cpu", progress: bool = T
     }
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "view_logits"]

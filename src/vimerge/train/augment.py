@@ -110,6 +110,10 @@ class LightAugment:
         return _theta_from_boxes(boxes, flip, height, width), mode
 
     def apply(self, images: Tensor, theta: Tensor, mode: str) -> Tensor:
+        """Warp (B, C, H, W) images, or (B, C, T, H, W) clips with one crop and flip per clip."""
+        if images.dim() == 5:
+            b, c, t, h, w = images.shape
+            return self.apply(images.reshape(b, c * t, h, w), theta, mode).reshape(b, c, t, h, w)
         grid = F.affine_grid(theta.to(images.device, torch.float32), list(images.shape),
                              align_corners=False)
         out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros",

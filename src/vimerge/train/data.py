@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, Skipped, detect_kind,
+from ..data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, Skipped, VideoDataset, detect_kind,
                     open_dataset, split_dir)
 from .augment import timm_train_transform
 
@@ -101,14 +101,18 @@ def num_classes_of(dataset: Dataset) -> int | None:
 
 
 def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val: str | None = "auto",
-              augment: str = "light", rand_augment: str = "", eval_limit: int | None = None
-              ) -> tuple[Dataset, Dataset | None]:
+              augment: str = "light", rand_augment: str = "", eval_limit: int | None = None,
+              num_frames: int | None = None) -> tuple[Dataset, Dataset | None]:
     """``(train, val)`` datasets for ``--data``: Fashion-MNIST IDX files (train and test
     splits) or an ImageFolder directory: the splits of :func:`vimerge.data.split_dir` (the
     rule ``vimerge eval`` follows too): ``DIR/train`` and, for ``val="auto"``, ``DIR/val``
     (or ``validation``/``test``) when there is one, else no validation set; a directory
     without split folders is the training set itself. ``val`` may name another directory or
-    be None."""
+    be None. With ``num_frames`` (a video model): :class:`~vimerge.data.VideoDataset` s of class
+    folders of videos (the same split rule) or annotation lists (``--data`` / ``--val-data``
+    a list file), training clips sampled at random in their segments."""
+    if num_frames:
+        return _open_video(root, img_size, channels, num_frames, val, augment, eval_limit)
     kind = detect_kind(root, "train")
     if kind == "fashion-mnist":
         train = open_dataset(root, kind=kind, split="train", img_size=img_size, channels=channels)
@@ -135,4 +139,32 @@ def open_data(root: str, img_size: int | tuple[int, int], channels: int, *, val:
                               channels=channels, limit=eval_limit)
     elif val and val != "auto":
         val_ds = open_dataset(val, img_size=img_size, channels=channels, limit=eval_limit)
+    return train, val_ds
+
+
+def _open_video(root: str, img_size: int | tuple[int, int], channels: int, num_frames: int, val: str | None,
+                augment: str, eval_limit: int | None) -> tuple[Dataset, Dataset | None]:
+    """``open_data`` for a video model: clips of ``num_frames`` frames (see :mod:`vimerge.data.video`)."""
+    if augment == "timm":
+        raise ValueError("augment='timm' works on images; re-train video models with augment='light' or 'none'")
+
+    def clips(path: str | os.PathLike, sampling: str, limit: int | None = None) -> VideoDataset:
+        path = Path(path).expanduser()
+        listing = path if path.is_file() else None
+        return VideoDataset(None if listing else path, annotations=listing, num_frames=num_frames,
+                            img_size=img_size, channels=channels, sampling=sampling, limit=limit)
+
+    base = Path(root).expanduser()
+    val_dir = None
+    if base.is_file():
+        train = clips(base, "random")
+    else:
+        train_dir = split_dir(base, "train")
+        train = clips(train_dir, "random")
+        val_dir = split_dir(base, "val", required=False) if train_dir != base else None
+    val_ds = None
+    if val == "auto" and val_dir is not None:
+        val_ds = clips(val_dir, "uniform", eval_limit)
+    elif val and val != "auto":
+        val_ds = clips(val, "uniform", eval_limit)
     return train, val_ds

@@ -317,9 +317,10 @@ class _Run:
         if self.train_data is None:
             if not cfg.data:
                 raise ValueError("no training data: give data=DIR (--data DIR) or train_data=...")
+            frames = cfg.model_kwargs.get("num_frames", model_defaults(cfg.model).get("num_frames"))
             self.train_data, val = open_data(cfg.data, img_size, channels, val=cfg.val_data,
                                              augment=cfg.augment, rand_augment=cfg.rand_augment,
-                                             eval_limit=cfg.eval_limit)
+                                             eval_limit=cfg.eval_limit, num_frames=frames)
             if self.val_data is None:
                 self.val_data = val
             elif cfg.eval_limit is not None:
@@ -477,6 +478,8 @@ class _Run:
 
     def _loader(self, start_micro: int) -> DataLoader:
         cfg, env = self.cfg, self.env
+        if hasattr(self.train_data, "epoch"):      # a video dataset draws its frames per (seed, epoch, index)
+            self.train_data.epoch = self.epoch
         sampler = ResumableBatchSampler(self.indices, cfg.batch_size, self.micro_per_epoch,
                                         self._data_seed(), self.epoch, env.rank, env.world_size,
                                         start_micro)
