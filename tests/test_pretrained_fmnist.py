@@ -15,15 +15,22 @@ FMNIST_WEIGHTS = pretrained_uri("vim_fmnist")
 SIDECAR = Path(FMNIST_WEIGHTS).with_suffix(".json")
 
 
-def test_sidecar_records_how_the_weights_were_made():
-    meta = json.loads(SIDECAR.read_text())
+SHIPPED = {"vim_fmnist": 88.0, "deit_fmnist": 84.0}     # lowest test top-1 each may have
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_sidecar_records_how_the_weights_were_made(name):
+    meta = json.loads(Path(pretrained_uri(name)).with_suffix(".json").read_text())
     for key in ("command", "seed", "commit", "test_top1", "test_top1_first1000", "train_seconds"):
         assert key in meta, key
-    assert meta["test_top1"] >= 88.0
+    assert meta["model"] == name and meta["test_top1"] >= SHIPPED[name]
+    assert meta["command"].startswith("vimerge ") and f"--model {name}" in meta["command"]
 
 
-def test_shipped_weights_reproduce_the_recorded_accuracy():
-    model = vimerge.create_model("vim_fmnist", pretrained=True).eval()
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_weights_reproduce_the_recorded_accuracy(name):
+    sidecar = Path(pretrained_uri(name)).with_suffix(".json")
+    model = vimerge.create_model(name, pretrained=True).eval()
     try:
         data = FashionMNIST(None, "test", limit=1000)
     except FashionMNISTNotFound as exc:
@@ -33,7 +40,7 @@ def test_shipped_weights_reproduce_the_recorded_accuracy():
     with torch.no_grad():
         correct = sum((model(images[i:i + 250]).argmax(-1) == labels[i:i + 250]).sum().item()
                       for i in range(0, 1000, 250))
-    assert abs(100 * correct / 1000 - json.loads(SIDECAR.read_text())["test_top1_first1000"]) <= 0.1
+    assert abs(100 * correct / 1000 - json.loads(sidecar.read_text())["test_top1_first1000"]) <= 0.1
 
 
 def test_cli_pretrained_flag_loads_the_shipped_weights():
