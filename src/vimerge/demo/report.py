@@ -222,7 +222,7 @@ def retrain_table(rows: list[dict]) -> str:
         base = bases.get(family_model(r["family"]))
         free = by.get(f"{r['family'][:-len('-retrained')]}@{r['target_ratio']:g}")
         t = r["retrain"]
-        body.append([f"`{r['key']}`", r["label"], f"{r['target_ratio']:g}", _f(base and base["top1"], ".2f"),
+        body.append([r["key"], r["label"], f"{r['target_ratio']:g}", _f(base and base["top1"], ".2f"),
                      _f(free and free["top1"], ".2f"), f"{r['top1']:.2f}", str(t["images"]), str(t["steps"]),
                      f"{t['seconds']:.0f}"])
     return markdown_table(["row", "method", "ratio", "unreduced top-1", "training-free top-1", "re-trained top-1",
