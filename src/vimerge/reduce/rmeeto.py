@@ -71,6 +71,15 @@ def _scores(a: Tensor, b: Tensor, distance: str) -> Tensor:
     return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
+def _without(x: Tensor, index: int) -> Tensor:
+    """(B, N, C) without token ``index`` (a view when it is the first or the last)."""
+    if index == 0:
+        return x[:, 1:]
+    if index == x.shape[1] - 1:
+        return x[:, :-1]
+    return torch.cat([x[:, :index], x[:, index + 1:]], dim=1)
+
+
 def _full_precision(device: torch.device):
     """A context with autocast off on ``device`` (a no-op where autocast does not exist)."""
     try:
@@ -108,8 +117,11 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     A, B = _groups(m, grouping, generator, dev)
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))   # fp64 stays fp64
-        rest = torch.cat([metric[:, :cls_index], metric[:, cls_index + 1:]], dim=1)
-        scores = _scores(rest[:, A], rest[:, B], distance)                  # (B, |A|, |B|)
+        rest = _without(metric, cls_index)
+        if grouping == "odd-even":       # strided views: no gather of the two halves (VideoMamba: 1568 tokens)
+            scores = _scores(rest[:, 0::2], rest[:, 1::2], distance)        # (B, |A|, |B|)
+        else:
+            scores = _scores(rest[:, A], rest[:, B], distance)
         k = min(kth, B.numel())
         if k == 1:
             best, partner = scores.max(dim=-1)
@@ -167,7 +179,7 @@ def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, dista
     dev = metric.device
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
-        rest = torch.cat([metric[:, :cls_index], metric[:, cls_index + 1:]], dim=1)
+        rest = _without(metric, cls_index)
         g = torch.cat([groups[:, :cls_index], groups[:, cls_index + 1:]], dim=1).to(dev, torch.long)
         pos = torch.arange(m, device=dev).expand(bsz, m)
         order = (g * m + pos).argsort(dim=1)                                # by group, then position
