@@ -12,6 +12,9 @@ The small-scale counterpart of the papers' main tables, on real data and a lapto
 4. outputs: ``results.json``, ``report.md`` (tables and a verdict per paper claim),
    ``accuracy_vs_ratio.png``, ``accuracy_vs_speed.png`` and ``merged_tokens.png``.
 
+``vimerge demo --video`` (:mod:`.video`, clips made by :mod:`.clips`) runs the same kind of
+study on VideoMamba clips of moving Fashion-MNIST garments (R-MeeTo Tables 13-14, App. D.5).
+
 Modules: :mod:`.plan` (what is measured: the plan and its rows, each a reduction spec),
 :mod:`.run` (base model, rows, re-training, resumable store, provenance, :func:`run_demo`),
 :mod:`.report` (paired statistic, claims, tables, ``report.md``, plots, merged-token figure).
@@ -20,7 +23,9 @@ Modules: :mod:`.plan` (what is measured: the plan and its rows, each a reduction
 from .plan import FAMILIES, FULL, INTERVAL, MODEL, QUICK, Plan, RowSpec, plan_rows
 from .report import claims, correct_mask, rows_table, write_report
 from .run import Base, cache_dir, eval_command, resolve_base, run_demo, summary
+from .video import VIDEO_FULL, VIDEO_QUICK, VideoPlan, run_video_demo, video_summary
 
 __all__ = ["run_demo", "plan_rows", "resolve_base", "claims", "summary", "Plan", "FULL", "QUICK",
            "FAMILIES", "RowSpec", "Base", "MODEL", "INTERVAL", "cache_dir", "eval_command",
-           "correct_mask", "rows_table", "write_report"]
+           "correct_mask", "rows_table", "write_report", "run_video_demo", "video_summary", "VideoPlan",
+           "VIDEO_FULL", "VIDEO_QUICK"]
