@@ -76,6 +76,8 @@ def test_flops_print_table_13(capsys):
     # an image preset becomes its video model with --num-frames
     assert main(["flops", "--model", "videomamba_tiny", "--num-frames", "8", "--num-classes", "400"]) == 0
     assert "11.54 GFLOPs (paper convention)" in capsys.readouterr().out
+    assert main(["flops", "--model", "videomamba_middle_k400", "--r", "88"]) == 0
+    assert "videomamba_middle_k400 (rmeeto:r=88): 71.71 GFLOPs (paper convention)" in capsys.readouterr().out
 
 
 def test_bench_and_visualize_take_clips(videos, tmp_path, capsys):

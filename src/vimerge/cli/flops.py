@@ -17,6 +17,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _gflops(value: float) -> str:
+    """Two decimals as the papers print them (115.33), four significant digits below 1 (0.03711)."""
+    return f"{value:.2f}" if value >= 1 else f"{value:.4g}"
+
+
 def run(args: argparse.Namespace) -> int:
     model = build_model(args)
     spec = spec_of(model.reduction)
@@ -24,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.model} ({spec}): {result['gflops_paper']:.4g} GFLOPs (paper convention), "
-          f"{result['gflops_full']:.4g} GFLOPs (full count); reduction ratio {result['reduction_ratio']:.3f}")
+    print(f"{args.model} ({spec}): {_gflops(result['gflops_paper'])} GFLOPs (paper convention), "
+          f"{_gflops(result['gflops_full'])} GFLOPs (full count); reduction ratio {result['reduction_ratio']:.3f}")
     print("tokens per block: " + " ".join(map(str, result["token_counts"])))
     return 0
