@@ -96,7 +96,7 @@ def _is_drawing(path: Path) -> bool:
 def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VIMERGE_CACHE", str(tmp_path / "cache"))
     clips = tmp_path / "clips"
-    make_clips(clips, "test", 24, data=garments, progress=False)
+    make_clips(clips, "test", 16, data=garments, progress=False)
     corrupt = clip_path(clips, "test", 5)
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)       # reported and skipped
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
     vimerge.save_checkpoint(vimerge.create_model(VIDEO_MODEL), ckpt)
     out = tmp_path / "study"
     argv = ["demo", "--video", "--quick", "--data", garments, "--clips", str(clips), "--checkpoint", str(ckpt),
-            "--limit", "24", "--retrain-images", "64", "-o", str(out), "--no-progress"]
+            "--limit", "16", "--retrain-images", "64", "-o", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr()
     assert "| `baseline` |" in printed.out and "[" in printed.out                   # tables and verdicts printed
@@ -118,12 +118,12 @@ def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
     for name in results["files"][2:]:
         assert _is_drawing(out / name), name
     assert [Path(p).name for p in results["skipped"]] == ["00005.mp4"]
-    assert results["setup"]["test_clips"] == 23 and 5 not in results["garments"]
+    assert results["setup"]["test_clips"] == 15 and 5 not in results["garments"]
     rows = {r["key"]: r for r in results["rows"]}
     assert set(rows) == {s.key for s in plan_video_rows(VIDEO_QUICK)}
     assert rows["baseline"]["token_counts"] == [101] * 8 and rows["image-baseline"]["token_counts"] == [50] * 8
     assert rows["rmeeto-time@0.28"]["token_counts"] == rows["rmeeto@0.28"]["token_counts"]
-    assert all(r["images"] == 23 for k, r in rows.items() if not k.startswith("image-"))
+    assert all(r["images"] == 15 for k, r in rows.items() if not k.startswith("image-"))
     assert rows["rmeeto-retrained@0.54"]["retrain"]["steps"] == 1
     assert {c["claim"].split(" (")[0] for c in results["claims"]} >= {
         "Video tolerates merging better than images", "Merging beats pruning at high reduction ratios",
