@@ -65,8 +65,8 @@ def test_full_plan_rows():
     rows = plan_rows(FULL, 50, 8)
     keys = [r.key for r in rows]
     # Vim: baseline, pruning and merging at 4 ratios, 2 shuffled; the same 11 on DeiT; STM 2 x 8;
-    # re-trained: merging and pruning at 2 ratios, Vim shuffled, DeiT ordered and shuffled
-    assert len(keys) == len(set(keys)) == 11 + 11 + 2 * (4 + 4) + 2 * 2 + 3
+    # re-trained at 0.54: merging, pruning, Vim shuffled, DeiT ordered and shuffled
+    assert len(keys) == len(set(keys)) == 11 + 11 + 2 * (4 + 4) + 5
     spec = {r.key: parse_spec(r.reduce) for r in rows}
     for r in rows:     # every row is one canonical reduction spec
         assert format_spec(*spec[r.key]) == r.reduce
@@ -84,16 +84,16 @@ def test_full_plan_rows():
     assert spec["stm-hsp@own0.3"] == ("stm", {"final_ratio": 0.3})       # STM's own settings
     assert spec["stm-bnnm@own0.3"] == ("stm", {"final_ratio": 0.3, "hsp": False})
     assert [r.key for r in rows if r.retrain] == [
-        "rmeeto-retrained@0.28", "prune-retrained@0.28", "rmeeto-retrained@0.54", "prune-retrained@0.54",
+        "rmeeto-retrained@0.54", "prune-retrained@0.54",
         "rmeeto-shuffled-retrained@0.54", "deit-rmeeto-retrained@0.54", "deit-rmeeto-shuffled-retrained@0.54"]
     assert spec["rmeeto-retrained@0.54"] == spec["rmeeto@0.54"]
-    assert spec["prune-retrained@0.28"] == spec["prune@0.28"]
+    assert spec["prune-retrained@0.54"] == spec["prune@0.54"]
     # DeiT keeps the Vim rows' tokens per block: no reduction in block 0, then r per block
     assert spec["deit-rmeeto@0.28"] == ("rmeeto", {"r": [0, 4, 4, 4, 4, 4, 4, 4]})
     assert spec["deit-rmeeto-shuffled@0.54"] == ("rmeeto", {"r": [0, 8, 8, 8, 8, 8, 8, 8], "ordered": False})
     assert {r.model for r in rows if r.family.startswith("deit-")} == {"deit_fmnist"}
     assert {r.model for r in rows if not r.family.startswith("deit-")} == {"vim_fmnist"}
-    assert {r.family for r in rows if r.secondary} == {"stm-hsp", "stm-bnnm"}
+    assert {r.family for r in rows if r.secondary} == {"stm-hsp", "stm-bnnm", "rmeeto-shuffled"}
     assert len(plan_rows(QUICK, 50, 8)) == 6 + 6 + 2 * (2 + 2) + 2 + 3
 
 

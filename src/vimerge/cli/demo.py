@@ -34,8 +34,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "300 test clips, ratios 0.28 and 0.54, scopes at 0.28, 1,000 re-training clips")
     p.add_argument("--checkpoint", help="base vim_fmnist weights (--video: videomamba_fmnist_video weights) (default: the shipped ones)")
     p.add_argument("--train-base", action="store_true",
-                   help="train the base model from scratch (vimerge train's recipe, about 25 min on 2 "
-                        "CPU cores) instead of using the shipped weights")
+                   help="train the base models from scratch (vimerge train's recipe: vim_fmnist about 25 min "
+                        "on 2 CPU cores, deit_fmnist about 10) instead of using the shipped weights")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N test images (default: all 10,000, --quick 1,000); --video: the clips of the "
                         "first N test garments (default 2,000, --quick 300)")

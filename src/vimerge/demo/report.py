@@ -283,9 +283,10 @@ def write_report(path: Path, results: dict) -> str:
               "the tokens gone at the end). GFLOPs (paper): the R-MeeTo convention (Table 2); "
               "(full): every multiply-add of the model. img/s: the evaluation pass on this CPU, "
               f"batch {setup['batch_size']}; speed-up against the unreduced row of the same model."
-              + (f" Rows marked secondary (STM) are evaluated on the first {setup['secondary_images']} "
-                 "test images only, to keep the study within 10 minutes; comparisons pair the images "
-                 "both rows saw." if setup.get("secondary_images") and any(
+              + (f" Secondary rows (STM, and R-MeeTo shuffled without re-training: "
+                 f"{', '.join(r['key'] for r in rows if r['images'] < setup['test_images'])}) are "
+                 f"evaluated on the first {setup['secondary_images']} test images only, to keep the "
+                 "study within 10 minutes; comparisons pair the images both rows saw." if setup.get("secondary_images") and any(
                      r["images"] < setup["test_images"] for r in rows) else ""), ""]
     transformer = transformer_table(rows)
     if transformer:
