@@ -191,7 +191,7 @@ def test_the_preset_recipe_is_the_default_and_flags_win(capsys):
     with pytest.raises(SystemExit):
         main(["retrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    lr_help = text[text.index("peak learning rate"):text.index("--min-lr MIN_LR")]
+    lr_help = text[text.index("peak learning rate"):text.index("final learning rate")]
     for part in ("2e-05 (paper)", "0.001 (vim_fmnist)", "0.001 (deit_fmnist)", "0.003 (train)"):
         assert part in lr_help, part
 
