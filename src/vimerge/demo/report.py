@@ -79,6 +79,20 @@ def _verdict(outcomes: list[str]) -> str:
     return "inconclusive"
 
 
+def compare_claim(text: str, source: str, items: list[tuple[str, dict, dict]], name_a: str, name_b: str,
+                  note=None) -> dict:
+    """A claim judged on paired comparisons: every ``(label, a, b)`` in ``items`` by
+    :func:`_compare`, the claim's side being ``a``; ``note(a, b)`` appends to a comparison's
+    sentence. Returns ``{"claim", "source", "verdict", "evidence"}``."""
+    texts, outcomes = [], []
+    for label, a, b in items:
+        d, se, o = _compare(a, b)
+        outcomes.append(o)
+        texts.append(f"{label}: {name_a} {a['top1']:.2f}% vs {name_b} {b['top1']:.2f}% "
+                     f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})" + (note(a, b) if note else ""))
+    return {"claim": text, "source": source, "verdict": _verdict(outcomes), "evidence": texts}
+
+
 def claims(rows: list[dict]) -> list[dict]:
     """A verdict per paper claim, with the numbers behind it."""
     by = {r["key"]: r for r in rows}
@@ -90,16 +104,8 @@ def claims(rows: list[dict]) -> list[dict]:
         return [(f"at {t:g}", by[f"{fam_a}@{t:g}"], by[f"{fam_b}@{t:g}"]) for t in targets
                 if f"{fam_a}@{t:g}" in by and f"{fam_b}@{t:g}" in by]
 
-    def claim(text: str, source: str, items: list[tuple[str, dict, dict]], name_a: str, name_b: str,
-              note=None) -> None:
-        """Compare every (label, a, b); ``note(a, b)`` appends to a comparison's sentence."""
-        texts, outcomes = [], []
-        for label, a, b in items:
-            d, se, o = _compare(a, b)
-            outcomes.append(o)
-            texts.append(f"{label}: {name_a} {a['top1']:.2f}% vs {name_b} {b['top1']:.2f}% "
-                         f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})" + (note(a, b) if note else ""))
-        out.append({"claim": text, "source": source, "verdict": _verdict(outcomes), "evidence": texts})
+    def claim(*args, **kwargs) -> None:
+        out.append(compare_claim(*args, **kwargs))
 
     def recovered(a: dict, b: dict) -> str:
         own = bases.get(family_model(b["family"]))
@@ -393,5 +399,5 @@ def draw_merges(columns: list[tuple[str, torch.nn.Module]], dataset, classes: tu
     return "merged_tokens.png"
 
 
-__all__ = ["correct_mask", "correct_bits", "claims", "rows_table", "ratio_table", "retrain_table",
+__all__ = ["correct_mask", "correct_bits", "compare_claim", "claims", "rows_table", "ratio_table", "retrain_table",
            "transformer_table", "write_report", "plot_results", "plot_transformer_vs_mamba", "draw_merges"]

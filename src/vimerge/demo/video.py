@@ -56,7 +56,8 @@ from vimerge.viz import draw_groups, figure, line_plot, token_groups
 from .clips import ClipGeometry, list_path, make_clips
 from .plan import INTERVAL
 from .plan import MODEL as IMAGE_MODEL
-from .report import _compare, _drop_comparison, _verdict, correct_bits, correct_mask
+from .run import Base
+from .report import _compare, _drop_comparison, _verdict, compare_claim, correct_bits, correct_mask
 from .run import PartialRows, _sha256, cache_dir, machine, versions
 
 VIDEO_MODEL = "videomamba_fmnist_video"
@@ -231,18 +232,6 @@ def read_test_clips(listing: Path, model, *, progress: bool) -> TestClips:
 # ------------------------------------------------------------------------------------ base model
 
 
-@dataclass
-class VideoBase:
-    """The base video checkpoint: where it came from and how ``vimerge eval`` names it."""
-    path: str
-    source: str                 # "shipped", "checkpoint", "cache" or "trained"
-    model_args: list[str]
-    seconds: float = 0.0
-    sidecar: dict[str, Any] = field(default_factory=dict)
-
-    def weights(self) -> dict[str, Any]:
-        return {"pretrained": True} if self.source == "shipped" else {"checkpoint": self.path}
-
 
 def base_train_command(train_list: str | Path, test_list: str | Path, output: str | Path) -> str:
     """The ``vimerge train`` command of :data:`VIDEO_BASE_RECIPE` (the shipped weights')."""
@@ -255,21 +244,21 @@ def base_train_command(train_list: str | Path, test_list: str | Path, output: st
 
 
 def resolve_video_base(checkpoint: str | None, data: str, clips: Path, plan: VideoPlan, *, train: bool,
-                       progress: bool, test_list: Path) -> VideoBase:
+                       progress: bool, test_list: Path) -> Base:
     """``checkpoint``, else the shipped weights, else the cache, else trained from scratch with
     :data:`VIDEO_BASE_RECIPE` on :data:`BASE_TRAIN_CLIPS` training clips (resumable)."""
     if checkpoint is not None:
         create_model(VIDEO_MODEL, checkpoint=checkpoint)     # a wrong file fails here, with its reason
-        return VideoBase(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)])
+        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=VIDEO_MODEL)
     shipped = pretrained_uri(VIDEO_MODEL)
     if not train and shipped is not None and Path(shipped).is_file():
         sidecar = Path(shipped).with_suffix(".json")
         info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        return VideoBase(shipped, "shipped", ["--pretrained"], sidecar=info)
+        return Base(shipped, "shipped", ["--pretrained"], sidecar=info, model=VIDEO_MODEL)
     run_dir = cache_dir() / f"{VIDEO_MODEL}-base"
     final = run_dir / "final.pth"
     if final.is_file():
-        return VideoBase(str(final), "cache", ["--checkpoint", str(final)])
+        return Base(str(final), "cache", ["--checkpoint", str(final)], model=VIDEO_MODEL)
     train_list = make_clips(clips, "train", BASE_TRAIN_CLIPS, data=data, geometry=plan.geometry, progress=progress)
     print(f"training the base {VIDEO_MODEL} from scratch into {run_dir} (resumable: run the demo again to "
           f"continue after an interruption); the same as\n  {base_train_command(train_list, test_list, run_dir)}",
@@ -278,15 +267,15 @@ def resolve_video_base(checkpoint: str | None, data: str, clips: Path, plan: Vid
                            resume=True, save_every=50, progress=progress, workers=1, **VIDEO_BASE_RECIPE)
     start = time.perf_counter()
     result = retrain(config)
-    return VideoBase(str(result.final_checkpoint), "trained", ["--checkpoint", str(result.final_checkpoint)],
-                     seconds=time.perf_counter() - start,
-                     sidecar={"eval_acc": result.eval_acc, "config": config.to_dict()})
+    return Base(str(result.final_checkpoint), "trained", ["--checkpoint", str(result.final_checkpoint)],
+                seconds=time.perf_counter() - start,
+                sidecar={"eval_acc": result.eval_acc, "config": config.to_dict()}, model=VIDEO_MODEL)
 
 
 # ------------------------------------------------------------------------------------ rows
 
 
-def video_eval_command(base: VideoBase, listing: str, plan: VideoPlan, spec: str, checkpoint: str | None = None) -> str:
+def video_eval_command(base: Base, listing: str, plan: VideoPlan, spec: str, checkpoint: str | None = None) -> str:
     """The ``vimerge eval`` command of a video row (the same clips, decoded by the command)."""
     weights = ["--checkpoint", checkpoint] if checkpoint else base.model_args
     return shlex.join(["vimerge", "eval", "--model", VIDEO_MODEL, *weights, "--data", listing,
@@ -318,7 +307,7 @@ def run_video_row(row: VideoRow, weights: dict[str, Any], command: str, loader, 
     }
 
 
-def retrain_video_row(row: VideoRow, base: VideoBase, train_list: Path, plan: VideoPlan, out: Path, *,
+def retrain_video_row(row: VideoRow, base: Base, train_list: Path, plan: VideoPlan, out: Path, *,
                       progress: bool) -> tuple[str, dict]:
     """Re-train the base with the row's reduction: one pass over ``plan.retrain_clips`` training
     clips (cosine learning rate, no augmentation); resumable. Returns the final checkpoint and
@@ -347,15 +336,8 @@ def video_claims(rows: list[dict], garments: list[int]) -> list[dict]:
     out: list[dict] = []
     targets = sorted({r["target_ratio"] for r in rows if r["family"] == "rmeeto"})
 
-    def compare(text: str, source: str, items: list[tuple[str, dict, dict]], name_a: str, name_b: str,
-                note=None) -> None:
-        texts, outcomes = [], []
-        for label, a, b in items:
-            d, se, o = _compare(a, b)
-            outcomes.append(o)
-            texts.append(f"{label}: {name_a} {a['top1']:.2f}% vs {name_b} {b['top1']:.2f}% "
-                         f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})" + (note(a, b) if note else ""))
-        out.append({"claim": text, "source": source, "verdict": _verdict(outcomes), "evidence": texts})
+    def compare(*args, **kwargs) -> None:
+        out.append(compare_claim(*args, **kwargs))
 
     def pairs(fam_a: str, fam_b: str, ts: list[float]) -> list[tuple[str, dict, dict]]:
         return [(f"at {t:g}", by[f"{fam_a}@{t:g}"], by[f"{fam_b}@{t:g}"]) for t in ts
@@ -714,7 +696,7 @@ def run_video_demo(*, data: str | None = None, output: str = "vimerge-demo-video
     return results
 
 
-def _figure_configs(rows: list[dict], plan: VideoPlan, base: VideoBase) -> list[tuple[str, torch.nn.Module]]:
+def _figure_configs(rows: list[dict], plan: VideoPlan, base: Base) -> list[tuple[str, torch.nn.Module]]:
     """The merged-frames figure's models: R-MeeTo flat, within frames and across time at the
     highest scope ratio, and flat at the highest ratio."""
     by = {r["key"]: r for r in rows}
@@ -753,7 +735,7 @@ def video_summary(results: dict) -> str:
 
 
 __all__ = ["VIDEO_MODEL", "VIDEO_BASE_RECIPE", "BASE_TRAIN_CLIPS", "VideoPlan", "VIDEO_FULL", "VIDEO_QUICK",
-           "FAMILIES", "VideoRow", "plan_video_rows", "ClipTensors", "TestClips", "read_test_clips", "VideoBase",
+           "FAMILIES", "VideoRow", "plan_video_rows", "ClipTensors", "TestClips", "read_test_clips",
            "base_train_command", "resolve_video_base", "video_eval_command", "image_eval_command", "run_video_row",
            "retrain_video_row", "video_claims", "video_rows_table", "video_ratio_table", "write_video_report",
            "plot_video", "draw_merged_frames", "run_video_demo", "video_summary"]

@@ -49,7 +49,7 @@ from torch import Tensor
 from ..tokens import BlockRecord, Reducer, TokenState, check_convention
 from .checkpoint import CheckpointError, listing, resample_pos_embed
 from .registry import get_preset, list_models, model_defaults, register_model
-from .vim import BiMambaMixer, Block, DropPath, PatchEmbed, RMSNorm, _fmt_size, _pair
+from .vim import BiMambaMixer, Block, DropPath, PatchEmbed, RMSNorm, _fmt_size, _pair, mamba_architecture
 
 
 class PatchEmbed3D(nn.Module):
@@ -432,7 +432,7 @@ class VideoMamba(nn.Module):
     def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
         """When the checkpoint's dimensions differ from this model's: what they are and the
         ``create_model(...)`` call that fits them."""
-        ckpt, mine = _architecture(state), _architecture(self.state_dict())
+        ckpt, mine = mamba_architecture(state), mamba_architecture(self.state_dict())
         differs = {k: (v, mine[k]) for k, v in ckpt.items() if k in mine and mine[k] != v and k != "num_classes"}
         if not differs:
             return None
@@ -453,26 +453,6 @@ def resample_temporal(embedding: Tensor, frames: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint recognition
-
-
-def _architecture(state: Mapping[str, Tensor]) -> dict[str, int]:
-    """What VideoMamba weights say about the model they came from (only what can be told)."""
-    arch: dict[str, int] = {}
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.dim() in (4, 5):
-        arch.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[-1])
-    elif "norm_f.weight" in state:
-        arch["embed_dim"] = state["norm_f.weight"].shape[0]
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
-    if blocks:
-        arch["depth"] = max(blocks) + 1
-    a_log = state.get("layers.0.mixer.A_log")
-    if a_log is not None and a_log.dim() == 2:
-        arch["d_state"] = a_log.shape[1]
-    head = state.get("head.weight")
-    if head is not None and head.dim() == 2:
-        arch["num_classes"] = head.shape[0]
-    return arch
 
 
 def _suggest_model(arch: dict[str, int]) -> str:

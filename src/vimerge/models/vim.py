@@ -477,7 +477,7 @@ class VisionMamba(nn.Module):
     def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
         """When the checkpoint's dimensions differ from this model's: what they are and the
         ``create_model(...)`` call that fits them."""
-        ckpt, mine = _architecture(state), _architecture(self.state_dict())
+        ckpt, mine = mamba_architecture(state), mamba_architecture(self.state_dict())
         differs = {k: (v, mine[k]) for k, v in ckpt.items() if k in mine and mine[k] != v and k != "num_classes"}
         if not differs:
             return None
@@ -543,11 +543,13 @@ class VisionMamba(nn.Module):
 # checkpoint recognition
 
 
-def _architecture(state: Mapping[str, Tensor]) -> dict[str, int]:
-    """What Vim weights say about the model they came from (only what can be told)."""
+def mamba_architecture(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """What Vim or VideoMamba weights say about the model they came from (only what can be
+    told): ``embed_dim``, ``in_chans``, ``patch_size`` (2-D or 3-D patch kernel), ``depth``,
+    ``d_state``, ``num_classes``."""
     arch: dict[str, int] = {}
     proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.dim() == 4:
+    if proj is not None and proj.dim() in (4, 5):
         arch.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[-1])
     elif "norm_f.weight" in state:
         arch["embed_dim"] = state["norm_f.weight"].shape[0]
