@@ -72,6 +72,24 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def find_base(model: str, checkpoint: str | None, *, train: bool = False) -> Base | None:
+    """``model``'s base weights without training: ``checkpoint`` (checked by loading it), else the
+    shipped weights (skipped when ``train``), else ``cache_dir()/<model>-base/final.pth``; None
+    when there are none (the caller trains one into that cache directory)."""
+    if checkpoint is not None:
+        create_model(model, checkpoint=checkpoint)          # a wrong file fails here, with its reason
+        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=model)
+    shipped = pretrained_uri(model)                         # the weights shipped in vimerge/assets
+    if not train and shipped is not None and Path(shipped).is_file():
+        sidecar = Path(shipped).with_suffix(".json")
+        info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        return Base(shipped, "shipped", ["--pretrained"], sidecar=info, model=model)
+    final = cache_dir() / f"{model}-base" / "final.pth"
+    if final.is_file():
+        return Base(str(final), "cache", ["--checkpoint", str(final)], model=model)
+    return None
+
+
 def resolve_base(checkpoint: str | None, data: str, *, train: bool = False, progress: bool = True,
                  train_data=None, val_data=None, model: str = MODEL) -> Base:
     """The base checkpoint of ``model``: ``checkpoint``, else the shipped weights, else the cache,
@@ -81,18 +99,10 @@ def resolve_base(checkpoint: str | None, data: str, *, train: bool = False, prog
     ``cache_dir()/<model>-base``; it resumes from there when interrupted. ``train=True``
     skips the shipped weights. ``train_data`` / ``val_data``: datasets used instead of ``data``.
     """
-    if checkpoint is not None:
-        create_model(model, checkpoint=checkpoint)          # a wrong file fails here, with its reason
-        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=model)
-    shipped = pretrained_uri(model)                         # the weights shipped in vimerge/assets
-    if not train and shipped is not None and Path(shipped).is_file():
-        sidecar = Path(shipped).with_suffix(".json")
-        info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        return Base(shipped, "shipped", ["--pretrained"], sidecar=info, model=model)
+    found = find_base(model, checkpoint, train=train)
+    if found is not None:
+        return found
     run_dir = cache_dir() / f"{model}-base"
-    final = run_dir / "final.pth"
-    if final.is_file():
-        return Base(str(final), "cache", ["--checkpoint", str(final)], model=model)
     print(f"training the base {model} from scratch into {run_dir} (resumable: run the demo again to "
           f"continue after an interruption)", file=sys.stderr)
     config = RetrainConfig(model=model, data=data, output=str(run_dir), resume=True, save_every=100,
@@ -384,5 +394,5 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Base", "cache_dir", "resolve_base", "build_model", "row_images", "eval_command", "run_row", "retrain_row",
+__all__ = ["Base", "cache_dir", "find_base", "resolve_base", "build_model", "row_images", "eval_command", "run_row", "retrain_row",
            "versions", "machine", "PartialRows", "run_demo", "summary"]

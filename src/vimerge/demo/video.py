@@ -46,7 +46,7 @@ from vimerge.data.video import VideoDataset, read_annotations
 from vimerge.measure.evaluate import evaluate
 from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
-from vimerge.models import create_model, pretrained_uri
+from vimerge.models import create_model
 from vimerge.reduce import apply, format_spec, parse_spec
 from vimerge.reduce.schedule import r_for_ratio, reduction_ratio
 from vimerge.reduce.stm import settings_for_mean_ratio
@@ -56,7 +56,7 @@ from vimerge.viz import draw_groups, figure, line_plot, token_groups
 from .clips import ClipGeometry, list_path, make_clips
 from .plan import INTERVAL
 from .plan import MODEL as IMAGE_MODEL
-from .run import Base
+from .run import Base, find_base
 from .report import _compare, _drop_comparison, _verdict, compare_claim, correct_bits, correct_mask
 from .run import PartialRows, _sha256, cache_dir, machine, versions
 
@@ -247,18 +247,10 @@ def resolve_video_base(checkpoint: str | None, data: str, clips: Path, plan: Vid
                        progress: bool, test_list: Path) -> Base:
     """``checkpoint``, else the shipped weights, else the cache, else trained from scratch with
     :data:`VIDEO_BASE_RECIPE` on :data:`BASE_TRAIN_CLIPS` training clips (resumable)."""
-    if checkpoint is not None:
-        create_model(VIDEO_MODEL, checkpoint=checkpoint)     # a wrong file fails here, with its reason
-        return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=VIDEO_MODEL)
-    shipped = pretrained_uri(VIDEO_MODEL)
-    if not train and shipped is not None and Path(shipped).is_file():
-        sidecar = Path(shipped).with_suffix(".json")
-        info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        return Base(shipped, "shipped", ["--pretrained"], sidecar=info, model=VIDEO_MODEL)
+    found = find_base(VIDEO_MODEL, checkpoint, train=train)
+    if found is not None:
+        return found
     run_dir = cache_dir() / f"{VIDEO_MODEL}-base"
-    final = run_dir / "final.pth"
-    if final.is_file():
-        return Base(str(final), "cache", ["--checkpoint", str(final)], model=VIDEO_MODEL)
     train_list = make_clips(clips, "train", BASE_TRAIN_CLIPS, data=data, geometry=plan.geometry, progress=progress)
     print(f"training the base {VIDEO_MODEL} from scratch into {run_dir} (resumable: run the demo again to "
           f"continue after an interruption); the same as\n  {base_train_command(train_list, test_list, run_dir)}",
