@@ -382,7 +382,6 @@ def train_row(args, dev: Device, batch: int, dtype: str) -> dict:
     step()
     peak = dev.peak(base)
     sec = dev.median_s(step, max(3, args.repeats // 2), warmup=0)
-    del model, opt
     return dict(img_s=batch / sec, step_s=sec, peak_mb=peak)
 
 

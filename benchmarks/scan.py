@@ -99,6 +99,7 @@ def model_row(backend: str, repeats: int) -> dict:
     were compiled on a tiny model), so it includes the AdamW state and the gradients.
     """
     import torch.nn.functional as F
+
     from vimerge import create_model
     torch.manual_seed(0)
     warm = create_model("vim_tiny", depth=1, img_size=32, scan_backend=backend)

@@ -13,8 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from vimerge.models import create_model
-from vimerge.models.checkpoint import (CheckpointError, load_checkpoint, read_state_dict,
-                                       resample_pos_embed, save_checkpoint)
+from vimerge.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_state_dict,
+    resample_pos_embed,
+    save_checkpoint,
+)
 
 # 32 px / 8 px patches: a 4 x 4 grid, 17 tokens, class token at index 8.
 TINY = dict(depth=2, img_size=32, patch_size=8, stride=8, num_classes=5, scan_backend="reference")

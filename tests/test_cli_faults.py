@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_fashion_idx
 from vimerge.cli import bench as bench_cli
 from vimerge.cli import build_parser, main
 from vimerge.cli import eval as eval_cli
@@ -20,8 +21,6 @@ from vimerge.cli.common import build_model
 from vimerge.measure.flops import model_cost
 from vimerge.models import list_models, model_defaults
 from vimerge.reduce import apply
-
-from conftest import write_fashion_idx
 
 FMNIST_SMALL = ["--model", "vim_fmnist", "--set", "depth=4", "--set", "embed_dim=16"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vimerge
-from vimerge.models import CheckpointError, VisionTransformer
+from vimerge.models import CheckpointError
 from vimerge.models.deit import Attention
 
 DEIT = {"deit_tiny": (192, 3), "deit_small": (384, 6), "deit_base": (768, 12)}
@@ -51,7 +51,7 @@ def reference_vit(sd: dict, x: torch.Tensor, heads: int, patch: int, eps: float 
     b = x.shape[0]
     p = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     z = torch.cat([sd["cls_token"].expand(b, 1, -1), p.flatten(2).transpose(1, 2)], 1) + sd["pos_embed"]
-    n, d = z.shape[1], z.shape[2]
+    d = z.shape[2]
     hd = d // heads
 
     def ln(t, w, bias):

@@ -14,8 +14,8 @@ from PIL import Image
 import vimerge
 from vimerge.cli import eval as eval_cli
 from vimerge.cli import main
-from vimerge.data import EvalTransform, ImageFolder, make_loader
 from vimerge.cli.common import parse_sweep
+from vimerge.data import EvalTransform, ImageFolder, make_loader
 from vimerge.measure.evaluate import evaluate
 from vimerge.reduce import spec_of
 
@@ -92,7 +92,7 @@ def folder(tmp_path_factory):
     """3 classes x 3 RGB images of 36 x 30, plus a truncated PNG and a text file named .jpg."""
     root = tmp_path_factory.mktemp("folder")
     rng = np.random.default_rng(3)
-    for c, name in enumerate(["cat", "dog", "eel"]):
+    for name in ["cat", "dog", "eel"]:
         (root / name).mkdir()
         for i in range(3):
             pixels = rng.integers(0, 256, size=(30, 36, 3), dtype=np.uint8)

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vimerge.models import create_model, list_models, model_defaults
-
 from scan_cases import scan_loop_float64
+from vimerge.models import create_model, list_models, model_defaults
 
 
 def official_forward(sd: dict, images: torch.Tensor, stride: int, eps: float = 1e-5) -> torch.Tensor:

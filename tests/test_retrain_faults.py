@@ -17,9 +17,16 @@ from vimerge.cli import build_parser, main
 from vimerge.cli import retrain as cli_retrain
 from vimerge.data import ImageFolder, Skipped
 from vimerge.models import create_model, get_preset, pretrained_uri
-from vimerge.train import (BASE_RECIPE, NothingToResume, RetrainConfig, RetrainInterrupted, RunDirError,
-                           recipe_defaults, retrain)
-from vimerge.train import distributed
+from vimerge.train import (
+    BASE_RECIPE,
+    NothingToResume,
+    RetrainConfig,
+    RetrainInterrupted,
+    RunDirError,
+    distributed,
+    recipe_defaults,
+    retrain,
+)
 from vimerge.train import loop as train_loop
 from vimerge.train.data import collate_train, open_data
 

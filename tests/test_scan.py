@@ -5,11 +5,10 @@ import warnings
 import pytest
 import torch
 
+from scan_cases import make_inputs, rel_err, scan_loop_float64
 from vimerge.ops import available_backends, selective_scan
 from vimerge.ops import dispatch as scan_module
 from vimerge.ops.reference import selective_scan_reference
-
-from scan_cases import make_inputs, rel_err, scan_loop_float64
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]   # every registered backend

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from scan_cases import make_inputs, rel_err, scan_loop_float64
 from vimerge.ops import available_backends, selective_scan
 from vimerge.ops.chunked import selective_scan_chunked
 from vimerge.ops.dispatch import _BACKENDS
 from vimerge.ops.reference import selective_scan_reference
-
-from scan_cases import make_inputs, rel_err, scan_loop_float64
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 

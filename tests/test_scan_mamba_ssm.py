@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from scan_cases import make_inputs, rel_err, scan_loop_float64
-from vimerge.ops import available_backends, resolve_backend, selective_scan
-from vimerge.ops import dispatch
+from vimerge.ops import available_backends, dispatch, resolve_backend, selective_scan
 from vimerge.ops import mamba_ssm as backend
 from vimerge.ops.registry import _BACKENDS
 

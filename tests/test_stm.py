@@ -10,15 +10,15 @@ import torch.nn.functional as F
 
 import vimerge
 from conftest import TINY_VIM
-from vimerge.tokens import MergePlan, TokenState, merge_state, ratio_from_counts
 from vimerge.reduce.stm import (
-    bnnm_counts,
     STM,
+    bnnm_counts,
     bnnm_schedule,
     direction_weights,
     merge_coefficients,
     schedule_counts,
 )
+from vimerge.tokens import MergePlan, TokenState, merge_state, ratio_from_counts
 
 
 def tiny(**kw):

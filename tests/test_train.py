@@ -15,9 +15,21 @@ from vimerge import token_counts
 from vimerge.measure.evaluate import evaluate
 from vimerge.models import create_model
 from vimerge.reduce import parse_spec
-from vimerge.train import (BASE_RECIPE, EMA, CosineSchedule, LightAugment, NonFiniteLossError, RetrainConfig,
-                           RunDirError, load_retrained, lr_at, no_decay_names, param_groups,
-                           resolve_accum, retrain)
+from vimerge.train import (
+    BASE_RECIPE,
+    EMA,
+    CosineSchedule,
+    LightAugment,
+    NonFiniteLossError,
+    RetrainConfig,
+    RunDirError,
+    load_retrained,
+    lr_at,
+    no_decay_names,
+    param_groups,
+    resolve_accum,
+    retrain,
+)
 from vimerge.train.data import epoch_order, subset_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,7 @@ av = pytest.importorskip("av")
 
 from vimerge.data import Skipped, collate_skipping, make_loader  # noqa: E402
 from vimerge.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from vimerge.data.video import (VideoDataset, crop_offsets, is_video_source, read_frames,  # noqa: E402
-                                segment_indices)
+from vimerge.data.video import VideoDataset, crop_offsets, is_video_source, read_frames, segment_indices  # noqa: E402
 
 STEP = 10     # frame i has red value STEP * i: the decoded frame says which frame it is
 

@@ -1,6 +1,5 @@
 """Merged-token pictures: group maps from source tracking, drawing, the visualize command."""
 
-import pytest
 import torch
 from PIL import Image
 

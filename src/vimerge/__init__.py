@@ -18,12 +18,21 @@ Public API:
 """
 
 from ._version import __version__
-from .measure import count_flops
 from .factory import create_model
+from .measure import count_flops
 from .models import CheckpointError, list_models, load_checkpoint, register_model, save_checkpoint
 from .ops import available_backends, selective_scan
-from .reduce import (apply, format_spec, list_methods, parse_spec, r_for_ratio, reduction_ratio, register_method,
-                     remove, token_counts)
+from .reduce import (
+    apply,
+    format_spec,
+    list_methods,
+    parse_spec,
+    r_for_ratio,
+    reduction_ratio,
+    register_method,
+    remove,
+    token_counts,
+)
 
 __all__ = ["create_model", "list_models", "register_model", "load_checkpoint", "save_checkpoint",
            "CheckpointError", "selective_scan", "available_backends", "apply", "remove", "token_counts",

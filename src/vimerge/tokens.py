@@ -18,8 +18,9 @@ lives here, so that the two never import each other:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class TokenState:
 
     @classmethod
     def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False,
-              coords: Tensor | None = None) -> "TokenState":
+              coords: Tensor | None = None) -> TokenState:
         """The state entering block 0; ``coords`` (N, 2) or (B, N, 2), see the class docstring."""
         b, n, _ = tokens.shape
         source = None
@@ -99,7 +100,7 @@ class TokenState:
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
 
-    def replace(self, **changes) -> "TokenState":
+    def replace(self, **changes) -> TokenState:
         """A copy with some fields changed (the tensors are shared, not copied)."""
         fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
                       cls_index=self.cls_index, source=self.source, layer=self.layer, coords=self.coords)
@@ -302,7 +303,7 @@ class TokenModel(Protocol):
     cls_index: int
     embed_dim: int
     reduction_site: str
-    reduction: "Reducer | None"
+    reduction: Reducer | None
     # what the layers above reductions also read (measure, data, viz, train, cli): the input
     # geometry, the head size and the patch grid of the tokens after the class token
     in_chans: int
@@ -313,7 +314,7 @@ class TokenModel(Protocol):
     def record_blocks(self, layers: Collection[int]) -> None:
         """Record :class:`BlockRecord` s in the next forwards of exactly these blocks (empty: none)."""
 
-    def block_record(self, layer: int) -> "BlockRecord | AttentionRecord | None":
+    def block_record(self, layer: int) -> BlockRecord | AttentionRecord | None:
         """What block ``layer`` recorded in the last forward: a Mamba block's scans
         (:class:`BlockRecord`), an attention block's queries/keys/values
         (:class:`AttentionRecord`), or None (nothing recorded)."""

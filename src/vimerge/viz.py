@@ -9,7 +9,7 @@ different groups); ``figure`` lays several images and configurations out in one 
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageDraw

@@ -20,8 +20,15 @@ from vimerge.measure.bench import DTYPES, measure, warm_up
 from vimerge.measure.flops import model_cost
 from vimerge.reduce import NONE, apply, parse_spec
 
-from .common import (CommandError, build_model, device_arg, given_options, merge_options, positive_int,
-                     reduction_spec)
+from .common import (
+    CommandError,
+    build_model,
+    device_arg,
+    given_options,
+    merge_options,
+    positive_int,
+    reduction_spec,
+)
 
 DEFAULT_RATIOS = (0.0, 0.14, 0.28, 0.31, 0.42, 0.54)   # R-MeeTo Table 12
 

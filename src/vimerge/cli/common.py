@@ -9,7 +9,6 @@ import dataclasses
 import difflib
 import inspect
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from vimerge.factory import create_model
 from vimerge.models import get_preset, list_models
-from vimerge.reduce import METHODS, NONE, apply, build, format_spec, list_methods, options_of, parse_spec
+from vimerge.reduce import METHODS, NONE, build, format_spec, list_methods, options_of, parse_spec
 from vimerge.reduce.registry import parse_value
 
 DEFAULT_MODEL = "vim_tiny"      # --model when neither the flag nor the checkpoint names one

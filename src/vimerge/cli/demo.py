@@ -8,7 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from vimerge.data.fashion_mnist import DEFAULT_ROOT
-from vimerge.demo import FULL, QUICK, VIDEO_FULL, VIDEO_QUICK, run_demo, run_video_demo, summary, video_summary
+from vimerge.demo import (
+    FULL,
+    QUICK,
+    VIDEO_FULL,
+    VIDEO_QUICK,
+    run_demo,
+    run_video_demo,
+    summary,
+    video_summary,
+)
 
 from .common import CommandError, positive_int, writable_path
 
@@ -89,8 +98,8 @@ def _run_video(args: argparse.Namespace) -> int:
                                  train_base=args.train_base, plan=plan, clips=args.clips, fresh=args.fresh,
                                  progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\nvimerge demo --video: interrupted; finished rows, clips and re-training checkpoints are kept: run "
-              f"the same command to continue", file=sys.stderr)
+        print("\nvimerge demo --video: interrupted; finished rows, clips and re-training checkpoints are kept: run "
+              "the same command to continue", file=sys.stderr)
         return 130
     print(video_summary(results))
     print(f"\nwrote {', '.join(results['files'])} to {Path(args.output).expanduser()}")

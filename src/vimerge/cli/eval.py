@@ -39,8 +39,17 @@ from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
 from vimerge.reduce import apply, parse_spec, spec_of
 
-from .common import (CommandError, build_model, device_arg, floats, given_options, parse_sweep, positive_int,
-                     reduction_spec, writable_path)
+from .common import (
+    CommandError,
+    build_model,
+    device_arg,
+    floats,
+    given_options,
+    parse_sweep,
+    positive_int,
+    reduction_spec,
+    writable_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import argparse
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vimerge.data import DatasetError
 from vimerge.data.fashion_mnist import MEAN as FMNIST_MEAN
 from vimerge.data.fashion_mnist import STD as FMNIST_STD
-from vimerge.data import DatasetError
 from vimerge.data.transforms import EvalTransform
 from vimerge.data.video import read_clip
 from vimerge.reduce import spec_of

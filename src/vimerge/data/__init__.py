@@ -10,14 +10,21 @@ video clips (:class:`VideoDataset`, class folders of videos or annotation lists,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from .fashion_mnist import FashionMNIST, FashionMNISTNotFound, is_fashion_mnist_dir, load_split, read_idx
-from .imagefolder import IMG_EXTENSIONS, Batch, DatasetError, ImageFolder, Skipped, collate_skipping, subset_evenly
-from .video import VIDEO_EXTENSIONS, VideoDataset, is_video_source
+from .imagefolder import (
+    IMG_EXTENSIONS,
+    Batch,
+    DatasetError,
+    ImageFolder,
+    Skipped,
+    collate_skipping,
+    subset_evenly,
+)
 from .transforms import (
     DEFAULT_CROP_PCT,
     IMAGENET_MEAN,
@@ -28,6 +35,7 @@ from .transforms import (
     resize_shorter,
     to_tensor,
 )
+from .video import VIDEO_EXTENSIONS, VideoDataset, is_video_source
 
 KINDS = ("auto", "imagefolder", "fashion-mnist")
 

@@ -16,7 +16,7 @@ torch.Size([3, 224, 224])
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -38,8 +38,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .imagefolder import DatasetError, Skipped, find_classes, find_images, subset_evenly
-from .transforms import (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, IMAGENET_MEAN, IMAGENET_STD, _pair, _per_channel,
-                         _resample, normalize, to_mode, to_tensor)
+from .transforms import (
+    IMAGENET_GREY_MEAN,
+    IMAGENET_GREY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _pair,
+    _per_channel,
+    _resample,
+    normalize,
+    to_mode,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,15 @@ from vimerge.train import RetrainConfig, retrain
 from vimerge.train.recipe import BASE_RECIPE
 
 from .plan import FAMILIES, FULL, INTERVAL, MODEL, QUICK, TRANSFORMER, Plan, RowSpec, plan_rows
-from .report import (claims, correct_bits, draw_merges, plot_results, plot_transformer_vs_mamba, rows_table,
-                     write_report)
+from .report import (
+    claims,
+    correct_bits,
+    draw_merges,
+    plot_results,
+    plot_transformer_vs_mamba,
+    rows_table,
+    write_report,
+)
 
 # ------------------------------------------------------------------------------------ the base model
 

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
@@ -53,12 +52,11 @@ from vimerge.reduce.stm import settings_for_mean_ratio
 from vimerge.train import RetrainConfig, retrain
 from vimerge.viz import draw_groups, figure, line_plot, token_groups
 
-from .clips import ClipGeometry, list_path, make_clips
+from .clips import ClipGeometry, make_clips
 from .plan import INTERVAL
 from .plan import MODEL as IMAGE_MODEL
-from .run import Base, find_base
 from .report import _compare, _drop_comparison, _verdict, compare_claim, correct_bits, correct_mask
-from .run import PartialRows, _sha256, cache_dir, machine, versions
+from .run import Base, PartialRows, _sha256, cache_dir, find_base, machine, versions
 
 VIDEO_MODEL = "videomamba_fmnist_video"
 
@@ -517,7 +515,7 @@ def plot_video(rows: list[dict], out: Path) -> list[str]:
         start = [] if fam.endswith("-retrained") or own is None else [(0.0, own["top1"])]
         series.append((label, start + sorted((r["reduction_ratio"], r["top1"]) for r in by_fam[fam])))
     line_plot(series, out / "accuracy_vs_ratio.png",
-              xlabel=f"reduction ratio (1 - mean tokens per block / initial tokens)", ylabel="top-1 accuracy (%)",
+              xlabel="reduction ratio (1 - mean tokens per block / initial tokens)", ylabel="top-1 accuracy (%)",
               title="Fashion-MNIST clips (VideoMamba) and images (Vim) against token reduction",
               hline=(base["top1"], f"video unreduced {base['top1']:.2f}%"))
     drops = []

@@ -6,8 +6,8 @@
 
 from . import deit, videomamba, vim  # noqa: F401  (each registers its presets)
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
-from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .deit import VisionTransformer
+from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .videomamba import VideoMamba
 from .vim import VisionMamba
 

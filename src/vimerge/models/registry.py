@@ -7,8 +7,9 @@ defined (``register_model``), and this module knows no backbone.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 

@@ -39,7 +39,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

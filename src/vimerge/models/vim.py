@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import Backend, register_backend
-
 from .reference import prepare_delta, skip_and_gate
+from .registry import Backend, register_backend
 
 
 def _scan_chunks(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import Backend, register_backend
-
 from .reference import prepare_delta, scan_loop, skip_and_gate
+from .registry import Backend, register_backend
 
 DEFAULT_CHUNK = 16
 

@@ -7,8 +7,8 @@ A new backend (e.g. a Triton kernel) is one module under ``vimerge/ops/`` that b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import Tensor
 

@@ -19,8 +19,19 @@ from typing import Any
 from ..tokens import Reducer, TokenModel, TokenState, ratio_from_counts
 from . import prune, rmeeto, stm  # noqa: F401  (each registers its method)
 from .prune import Prune
-from .registry import (METHODS, NONE, build, format_spec, list_methods, option, options_of, parse_spec,
-                       register_method, spec_of, stored_spec)
+from .registry import (
+    METHODS,
+    NONE,
+    build,
+    format_spec,
+    list_methods,
+    option,
+    options_of,
+    parse_spec,
+    register_method,
+    spec_of,
+    stored_spec,
+)
 from .rmeeto import RMeeTo
 from .schedule import r_for_ratio, reduction_ratio
 from .stm import STM

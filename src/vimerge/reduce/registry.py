@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 NONE = "none"
 
@@ -143,7 +144,7 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     take (with the ones it takes), or a malformed item.
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty reduction spec; e.g. \"rmeeto:r=11\" or \"none\"")
+        raise ValueError("empty reduction spec; e.g. \"rmeeto:r=11\" or \"none\"")
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if name == NONE:

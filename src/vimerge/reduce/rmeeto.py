@@ -20,13 +20,23 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ..tokens import (MERGE_MODES, SITES, AttentionRecord, BlockRecord, MergePlan, TokenModel, TokenState,
-                      check_convention, merge_state, ratio_from_counts, token_frames)
+from ..tokens import (
+    MERGE_MODES,
+    SITES,
+    AttentionRecord,
+    BlockRecord,
+    MergePlan,
+    TokenModel,
+    TokenState,
+    check_convention,
+    merge_state,
+    ratio_from_counts,
+    token_frames,
+)
 from .registry import option, register_method
 from .schedule import bipartite_capacity, check_r, r_for_ratio, token_counts
 

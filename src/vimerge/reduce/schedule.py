@@ -11,7 +11,7 @@ reproduces Table 10 of the R-MeeTo paper (r = 5, 10, 11, 13, 15, 20 -> 0.14, 0.2
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..tokens import ratio_from_counts
 

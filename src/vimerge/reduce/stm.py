@@ -49,8 +49,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..tokens import (BlockRecord, MergePlan, TokenModel, TokenState, check_convention, merge_state,
-                      ratio_from_counts)
+from ..tokens import (
+    BlockRecord,
+    MergePlan,
+    TokenModel,
+    TokenState,
+    check_convention,
+    merge_state,
+    ratio_from_counts,
+)
 from .registry import option, register_method
 
 COLLAPSES = ("attention", "decay")

@@ -20,8 +20,17 @@ from .checkpoint import NothingToResume, RunDirError, load_retrained
 from .log import RunLog
 from .loop import NonFiniteLossError, RetrainInterrupted, RetrainResult, retrain
 from .loss import RetrainLoss
-from .recipe import (EMA, BASE_RECIPE, CosineSchedule, RetrainConfig, lr_at, no_decay_names, recipe_defaults,
-                     param_groups, resolve_accum)
+from .recipe import (
+                     BASE_RECIPE,
+                     EMA,
+                     CosineSchedule,
+                     RetrainConfig,
+                     lr_at,
+                     no_decay_names,
+                     param_groups,
+                     recipe_defaults,
+                     resolve_accum,
+)
 
 __all__ = ["BASE_RECIPE", "CosineSchedule", "EMA", "LightAugment", "NonFiniteLossError",
            "RetrainConfig", "RetrainLoss", "RetrainResult", "RunDirError", "RunLog",

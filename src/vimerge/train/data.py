@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder, Skipped, VideoDataset, detect_kind,
-                    open_dataset, split_dir)
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    ImageFolder,
+    Skipped,
+    VideoDataset,
+    detect_kind,
+    open_dataset,
+    split_dir,
+)
 from .augment import timm_train_transform
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ class RunLog:
         self.tb = None
         if enabled and tensorboard is not False:
             try:
-                from torch.utils.tensorboard import SummaryWriter   # optional dependency
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
                 self.tb = SummaryWriter(str(path.parent / "tb"))
             except ImportError:
                 if tensorboard:
@@ -55,7 +55,7 @@ class RunLog:
             self.tb.close()
             self.tb = None
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:

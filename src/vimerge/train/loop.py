@@ -24,9 +24,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +42,18 @@ from ..models.checkpoint import save_checkpoint
 from ..reduce import apply
 from . import checkpoint as ck
 from .augment import LightAugment, TimmBatchAugment, batch_generator, require_timm
-from .data import (ResumableBatchSampler, collate_eval, collate_train, num_classes_of, open_data,
-                   subset_indices)
+from .data import (
+    ResumableBatchSampler,
+    collate_eval,
+    collate_train,
+    num_classes_of,
+    open_data,
+    subset_indices,
+)
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, cleanup, gather_objects, setup
 from .log import RunLog
 from .loss import RetrainLoss
-from .recipe import (EMA, RESUME_MUTABLE, CosineSchedule, RetrainConfig, build_optimizer,
-                     resolve_accum)
+from .recipe import EMA, RESUME_MUTABLE, CosineSchedule, RetrainConfig, build_optimizer, resolve_accum
 
 log = logging.getLogger(__name__)
 

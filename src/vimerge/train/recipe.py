@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -171,7 +172,7 @@ class RetrainConfig:
                 raise ValueError(message)
 
     @classmethod
-    def from_recipe(cls, model: str = "vim_tiny", recipe: str = "auto", **given: Any) -> "RetrainConfig":
+    def from_recipe(cls, model: str = "vim_tiny", recipe: str = "auto", **given: Any) -> RetrainConfig:
         """The configuration of ``model`` with the defaults of ``recipe`` (see
         :func:`recipe_defaults`) under the values ``given``; ``recipe`` records which applied."""
         label, values = recipe_defaults(model, recipe)
@@ -182,7 +183,7 @@ class RetrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RetrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RetrainConfig:
         """The configuration ``to_dict`` wrote; also reads the ``method`` + ``reduction``
         pair of configurations written before ``reduce`` existed."""
         names = {f.name for f in fields(cls)}
