@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vimerge.models import create_model
+from vimerge.models import create_backbone
 from vimerge.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -27,7 +27,7 @@ TINY = dict(depth=2, img_size=32, patch_size=8, stride=8, num_classes=5, scan_ba
 
 def tiny(seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return create_model("vim_tiny", **{**TINY, **overrides}).eval()
+    return create_backbone("vim_tiny", **{**TINY, **overrides}).eval()
 
 
 def assert_same_weights(a, b, skip=()):
@@ -71,7 +71,7 @@ def test_round_trip(kind, suffix, source, images, tmp_path):
     path = tmp_path / f"ckpt{suffix}"
     _write(kind, source, path)
     torch.manual_seed(123)  # another init, so equality comes from the checkpoint
-    loaded = create_model("vim_tiny", checkpoint=str(path), **TINY).eval()
+    loaded = create_backbone("vim_tiny", checkpoint=str(path), **TINY).eval()
     assert not torch.equal(tiny(seed=123).pos_embed, source.pos_embed)
     assert_same_weights(source, loaded)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_resample_constant_stays_constant():
 def test_load_into_higher_resolution(source, tmp_path):
     path = save_checkpoint(source, tmp_path / "ck32.pth")
     with pytest.warns(UserWarning, match=r"4x4 patch grid.*resampled.*6x6 grid \(img_size 48\)"):
-        big = create_model("vim_tiny", checkpoint=str(path), **{**TINY, "img_size": 48}).eval()
+        big = create_backbone("vim_tiny", checkpoint=str(path), **{**TINY, "img_size": 48}).eval()
     assert big.pos_embed.shape == (1, 37, 192) and big.cls_index == 18
     assert torch.equal(big.pos_embed[0, 18], source.pos_embed[0, 8])
     assert_same_weights(source, big, skip={"pos_embed"})
@@ -219,7 +219,7 @@ def test_head_for_other_classes_is_reinitialised(source, tmp_path):
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="nothere.pth.*does not exist"):
-        create_model("vim_tiny", checkpoint=str(tmp_path / "nothere.pth"), **TINY)
+        create_backbone("vim_tiny", checkpoint=str(tmp_path / "nothere.pth"), **TINY)
 
 
 def test_truncated_file(source, tmp_path):
@@ -285,7 +285,7 @@ def test_unsafe_pickle_is_refused_with_advice(tmp_path):
 
 def test_wrong_model_width_names_the_preset(source, tmp_path):
     path = save_checkpoint(source, tmp_path / "tiny.pth")
-    small = create_model("vim_small", **TINY)
+    small = create_backbone("vim_small", **TINY)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(small, path)
     msg = str(info.value)
@@ -331,7 +331,7 @@ def test_partial_load_into_deeper_model(source, tmp_path):
         assert torch.equal(sd[k], v), k
     for k, v in fresh_block.items():
         assert torch.equal(sd[k], v), k
-    report = load_checkpoint(create_model("vim_small", **TINY), path, strict=False)
+    report = load_checkpoint(create_backbone("vim_small", **TINY), path, strict=False)
     assert "pos_embed" in report["mismatched"]
 
 
@@ -350,9 +350,9 @@ HF = "hf://hustvl/Vim-tiny-midclstok/vim_t_midclstok_76p1acc.pth"
 def test_hub_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)   # import fails as if missing
     with pytest.raises(CheckpointError, match="pip install huggingface_hub"):
-        create_model("vim_tiny", checkpoint=HF, **TINY)
+        create_backbone("vim_tiny", checkpoint=HF, **TINY)
     with pytest.raises(CheckpointError, match="huggingface_hub"):
-        create_model("vim_tiny", pretrained=True, **TINY)
+        create_backbone("vim_tiny", pretrained=True, **TINY)
 
 
 def _fake_hub(monkeypatch, download):

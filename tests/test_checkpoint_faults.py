@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from vimerge.models import create_model
+from vimerge.models import create_backbone
 from vimerge.models.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
 
 # 32 px / 8 px patches, stride 8: a 4 x 4 grid.
@@ -17,7 +17,7 @@ TINY = dict(depth=2, img_size=32, patch_size=8, stride=8, num_classes=5, scan_ba
 
 def tiny(seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return create_model("vim_tiny", **{**TINY, **overrides}).eval()
+    return create_backbone("vim_tiny", **{**TINY, **overrides}).eval()
 
 
 def same_weights(a: dict, b: dict, skip=()) -> bool:
@@ -41,10 +41,10 @@ def shifted(source):
 def test_other_stride_checkpoint_is_refused_with_the_fix(tmp_path):
     """The official stride-8 "+" Vim (27x27 grid, 730 rows) into the stride-16 vim_tiny."""
     torch.manual_seed(0)
-    plus = create_model("vim_tiny", depth=1, stride=8, num_classes=10)
+    plus = create_backbone("vim_tiny", depth=1, stride=8, num_classes=10)
     assert plus.pos_embed.shape[1] == 730
     path = save_checkpoint(plus, tmp_path / "vim_t_plus.pth")
-    model = create_model("vim_tiny", depth=1, num_classes=10)
+    model = create_backbone("vim_tiny", depth=1, num_classes=10)
     before = model.pos_embed.detach().clone()
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(model, path)
@@ -58,7 +58,7 @@ def test_other_stride_checkpoint_is_refused_with_the_fix(tmp_path):
     assert "pos_embed" in report["mismatched"] and not report["resized_pos_embed"]
     assert torch.equal(model.pos_embed, before)
     # built as the message says, it loads exactly
-    fixed = create_model("vim_tiny", depth=1, num_classes=10, stride=8, checkpoint=str(path))
+    fixed = create_backbone("vim_tiny", depth=1, num_classes=10, stride=8, checkpoint=str(path))
     assert torch.equal(fixed.pos_embed, plus.pos_embed)
 
 
@@ -112,7 +112,7 @@ def test_averaged_model_state_dict_loads(source, tmp_path):
         assert same_weights(source.state_dict(), model.state_dict())
         assert report["ignored"] == ["n_averaged"]
     assert read_state_dict(tmp_path / "swa.pth").keys() == source.state_dict().keys()
-    model = create_model("vim_tiny", checkpoint=str(tmp_path / "swa.pth"), **TINY)
+    model = create_backbone("vim_tiny", checkpoint=str(tmp_path / "swa.pth"), **TINY)
     assert same_weights(source.state_dict(), model.state_dict())
 
 

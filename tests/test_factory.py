@@ -19,7 +19,7 @@ ARCH = {"name": "vim_fmnist", "kwargs": {"depth": 3, "embed_dim": 16, "num_class
 def retrained(tmp_path, reduction="rmeeto:r=6,interval=1", name="final.pth"):
     """A checkpoint in the layout vimerge retrain writes: weights, "arch" and "reduction"."""
     torch.manual_seed(3)
-    model = vimerge.models.create_model("vim_fmnist", depth=3, embed_dim=16)
+    model = vimerge.models.create_backbone("vim_fmnist", depth=3, embed_dim=16)
     return vimerge.save_checkpoint(model, tmp_path / name, arch=ARCH, reduction=reduction), model
 
 
@@ -50,7 +50,7 @@ def test_an_explicit_reduction_overrides_and_says_so(tmp_path, caplog):
 
 
 def test_plain_weights_stay_unreduced_without_a_word(tmp_path, caplog):
-    model = vimerge.models.create_model("vim_fmnist", depth=3, embed_dim=16)
+    model = vimerge.models.create_backbone("vim_fmnist", depth=3, embed_dim=16)
     path = vimerge.save_checkpoint(model, tmp_path / "plain.pth")
     with caplog.at_level(logging.WARNING, logger="vimerge"):
         again = vimerge.create_model("vim_fmnist", checkpoint=path, depth=3, embed_dim=16)
@@ -81,7 +81,7 @@ def test_commands_use_the_recorded_reduction(tmp_path, capsys, verb):
 
 def test_safetensors_keep_the_recorded_model_and_reduction(tmp_path):
     pytest.importorskip("safetensors")
-    model = vimerge.models.create_model("vim_fmnist", depth=3, embed_dim=16)
+    model = vimerge.models.create_backbone("vim_fmnist", depth=3, embed_dim=16)
     path = vimerge.save_checkpoint(model, tmp_path / "w.safetensors", arch=ARCH, reduction="prune:r=3,interval=1")
     again = vimerge.create_model(checkpoint=path)
     assert again.depth == 3 and vimerge.reduce.spec_of(again.reduction) == "prune:r=3,interval=1"
@@ -93,7 +93,7 @@ def test_fallback_and_pretrained_without_a_name():
 
 
 def test_ema_weights_flag_and_argument(tmp_path, capsys):
-    model = vimerge.models.create_model("vim_fmnist", depth=2, embed_dim=16)
+    model = vimerge.models.create_backbone("vim_fmnist", depth=2, embed_dim=16)
     online = model.state_dict()
     averaged = {k: v + 1.0 if v.is_floating_point() else v for k, v in online.items()}
     path = tmp_path / "both.pth"

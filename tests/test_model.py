@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from scan_cases import scan_loop_float64
-from vimerge.models import create_model, list_models, model_defaults
+from vimerge.models import create_backbone, list_models, model_defaults
 
 
 def official_forward(sd: dict, images: torch.Tensor, stride: int, eps: float = 1e-5) -> torch.Tensor:
@@ -53,7 +53,7 @@ def official_forward(sd: dict, images: torch.Tensor, stride: int, eps: float = 1
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_matches_independent_official_forward(backend):
-    model = create_model("vim_tiny", depth=3, img_size=32, patch_size=8, stride=8, embed_dim=32,
+    model = create_backbone("vim_tiny", depth=3, img_size=32, patch_size=8, stride=8, embed_dim=32,
                          num_classes=7, scan_backend=backend).eval()
     # perturb every parameter so no structure hides behind the initialisation (ones, zeros)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_matches_independent_official_forward(backend):
 
 
 def test_overlapping_patches_stride():
-    model = create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=4, embed_dim=16).eval()
+    model = create_backbone("vim_tiny", depth=1, img_size=32, patch_size=8, stride=4, embed_dim=16).eval()
     assert model.patch_embed.grid_size == (7, 7) and model.num_patches == 49 and model.cls_index == 24
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -83,18 +83,18 @@ def test_presets_match_the_official_models():
         assert (cfg["embed_dim"], cfg["depth"], cfg["patch_size"], cfg["stride"], cfg["d_state"]) == \
             (dim, 24, 16, 16, 16)
     # parameter counts reported by the Vim paper: 7M (Ti) and 26M (S); base is 98M
-    counts = {name: sum(p.numel() for p in create_model(name).parameters()) / 1e6
+    counts = {name: sum(p.numel() for p in create_backbone(name).parameters()) / 1e6
               for name in ("vim_tiny", "vim_small")}
     assert round(counts["vim_tiny"]) == 7 and round(counts["vim_small"]) == 26
     # an official long name is an alias of the preset
-    long = create_model("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+    long = create_backbone("vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
                         depth=1)
     assert long.embed_dim == 384
 
 
 @pytest.mark.parametrize("name,depth", [("vim_tiny", 24), ("vim_small", 4), ("vim_base", 2)])
 def test_presets_forward_and_backward_end_to_end(name, depth):
-    model = create_model(name, depth=depth, num_classes=10)
+    model = create_backbone(name, depth=depth, num_classes=10)
     model.train()
     images = torch.randn(2, 3, 224, 224)
     logits = model(images)
@@ -107,7 +107,7 @@ def test_presets_forward_and_backward_end_to_end(name, depth):
 
 
 def test_knobs_and_token_layout():
-    model = create_model("vim_tiny", depth=8, img_size=64, patch_size=8, stride=8, embed_dim=48,
+    model = create_backbone("vim_tiny", depth=8, img_size=64, patch_size=8, stride=8, embed_dim=48,
                          d_state=8, in_chans=1, num_classes=3, drop_path_rate=0.1)
     assert len(model.layers) == 8 and model.num_patches == 64 and model.cls_index == 32
     assert model.pos_embed.shape == (1, 65, 48)
@@ -122,21 +122,21 @@ def test_knobs_and_token_layout():
 
 
 def test_wrong_image_size_names_the_fix():
-    model = create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=8)
+    model = create_backbone("vim_tiny", depth=1, img_size=32, patch_size=8, stride=8)
     with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 32, 32\).*img_size=\(48, 48\)"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
-        create_model("vim_huge")
+        create_backbone("vim_huge")
 
 
 def test_wrong_channel_count_names_the_channels_and_the_fix():
-    rgb = create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=8)
+    rgb = create_backbone("vim_tiny", depth=1, img_size=32, patch_size=8, stride=8)
     with pytest.raises(ValueError) as info:
         rgb(torch.randn(2, 1, 32, 32))
     msg = str(info.value)
     assert "1-channel" in msg and "3 channels" in msg and "in_chans=1" in msg and "RGB" in msg
     assert "img_size" not in msg                       # the size is right: do not suggest it
-    gray = create_model("vim_fmnist", depth=1)
+    gray = create_backbone("vim_fmnist", depth=1)
     with pytest.raises(ValueError) as info:
         gray(torch.randn(2, 3, 28, 28))
     msg = str(info.value)
@@ -151,18 +151,18 @@ def test_wrong_channel_count_names_the_channels_and_the_fix():
 @pytest.mark.parametrize("size,dropped", [(30, "6 pixel rows and 6 columns"), ((32, 30), "6 columns")])
 def test_img_size_not_covered_by_patches_warns(size, dropped):
     with pytest.warns(UserWarning, match=f"border.*{dropped}.*img_size="):
-        model = create_model("vim_tiny", depth=1, img_size=size, patch_size=8, stride=8)
+        model = create_backbone("vim_tiny", depth=1, img_size=size, patch_size=8, stride=8)
     assert model.grid_size[1] == 3
     with pytest.warns(UserWarning, match="last 1 pixel row"):
-        create_model("vim_tiny", depth=1, img_size=(29, 32), patch_size=4, stride=2)
+        create_backbone("vim_tiny", depth=1, img_size=(29, 32), patch_size=4, stride=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # whole patches, overlapping ones too: silent
-        create_model("vim_tiny", depth=1, img_size=32, patch_size=8, stride=4)
-        create_model("vim_fmnist", depth=1)
+        create_backbone("vim_tiny", depth=1, img_size=32, patch_size=8, stride=4)
+        create_backbone("vim_fmnist", depth=1)
 
 
 def test_scan_backend_switch_gives_same_outputs():
-    model = create_model("vim_tiny", depth=2, img_size=32, patch_size=8, stride=8, scan_backend="reference").eval()
+    model = create_backbone("vim_tiny", depth=2, img_size=32, patch_size=8, stride=8, scan_backend="reference").eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(images)
@@ -172,7 +172,7 @@ def test_scan_backend_switch_gives_same_outputs():
 
 
 def test_low_precision_autocast_runs():
-    model = create_model("vim_tiny", depth=2, img_size=32, patch_size=8, stride=8).eval()
+    model = create_backbone("vim_tiny", depth=2, img_size=32, patch_size=8, stride=8).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(images)
@@ -183,8 +183,8 @@ def test_low_precision_autocast_runs():
 
 
 def test_fashion_mnist_preset():
-    model = create_model("vim_fmnist")
+    model = create_backbone("vim_fmnist")
     assert (model.num_patches + 1, model.num_classes, model.patch_embed.img_size) == (50, 10, (28, 28))
     assert model.patch_embed.proj.in_channels == 1 and len(model.layers) == 8 and model.embed_dim == 96
-    assert create_model("vim_fmnist", num_classes=3).num_classes == 3
-    assert create_model("vim_tiny", depth=1).num_classes == 1000    # the ImageNet presets keep 1000
+    assert create_backbone("vim_fmnist", num_classes=3).num_classes == 3
+    assert create_backbone("vim_tiny", depth=1).num_classes == 1000    # the ImageNet presets keep 1000

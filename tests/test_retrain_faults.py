@@ -16,7 +16,7 @@ from vimerge import save_checkpoint
 from vimerge.cli import build_parser, main
 from vimerge.cli import retrain as cli_retrain
 from vimerge.data import ImageFolder, Skipped
-from vimerge.models import create_model, get_preset, pretrained_uri
+from vimerge.models import create_backbone, get_preset, pretrained_uri
 from vimerge.train import (
     BASE_RECIPE,
     NothingToResume,
@@ -83,7 +83,7 @@ def fmnist_dir(tmp_path, n_train=64, n_test=16):
 def test_pretrained_starts_from_the_presets_weights(tmp_path, monkeypatch, capsys):
     # the preset's published weights, redirected to a small checkpoint of the same geometry
     torch.manual_seed(1)
-    published = save_checkpoint(create_model("vim_fmnist", depth=2, embed_dim=16), tmp_path / "published.pth")
+    published = save_checkpoint(create_backbone("vim_fmnist", depth=2, embed_dim=16), tmp_path / "published.pth")
     monkeypatch.setattr(get_preset("vim_fmnist"), "pretrained", str(published))
     data = fmnist_dir(tmp_path)
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ import torch.nn as nn
 from conftest import easy_data
 from vimerge import token_counts
 from vimerge.measure.evaluate import evaluate
-from vimerge.models import create_model
+from vimerge.models import create_backbone
 from vimerge.reduce import parse_spec
 from vimerge.train import (
     BASE_RECIPE,
@@ -92,7 +92,7 @@ def test_lr_schedule_hand_computed():
 
 
 def test_no_decay_parameter_groups():
-    model = create_model("vim_tiny", num_classes=3, img_size=16, **TINY)
+    model = create_backbone("vim_tiny", num_classes=3, img_size=16, **TINY)
     groups = param_groups(model, 0.05)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
@@ -113,7 +113,7 @@ def test_no_decay_parameter_groups():
 
 def test_no_decay_names_unchanged_for_vim_fmnist():
     # the rule train/recipe.py had before it left parameter names to the backbone
-    model = create_model("vim_fmnist")
+    model = create_backbone("vim_fmnist")
     old_rule = {name for name, p in model.named_parameters()
                 if p.ndim <= 1 or name.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b",
                                                              "pos_embed", "cls_token")}
@@ -344,7 +344,7 @@ def test_cli_retrain_on_fashion_mnist_files(tmp_path):
 def test_distillation_teacher_is_the_unreduced_model(tmp_path):
     from vimerge import save_checkpoint
     torch.manual_seed(0)
-    ckpt = save_checkpoint(create_model("vim_tiny", num_classes=3, img_size=16, **TINY),
+    ckpt = save_checkpoint(create_backbone("vim_tiny", num_classes=3, img_size=16, **TINY),
                            tmp_path / "start.pth")
     kw = dict(checkpoint=str(ckpt), distill="soft", distill_alpha=1.0, augment="none", epochs=1,
               lr=1e-6, min_lr=1e-6, weight_decay=0.0)

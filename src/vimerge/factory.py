@@ -1,6 +1,6 @@
 """``vimerge.create_model``: a model as its weights were trained, reduction included.
 
-:func:`vimerge.models.create_model` builds a backbone and loads weights. Weights written by
+:func:`vimerge.models.create_backbone` builds a backbone and loads weights. Weights written by
 ``vimerge retrain`` / ``vimerge train`` (``final.pth``, ``last.pth``) also record the model they
 were trained as (``"arch"``: preset name and constructor arguments) and the token reduction they
 were trained with (``"reduction"``: a spec string). This function, one layer above both
@@ -17,8 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .models import create_model as create_backbone
-from .models import get_preset, load_checkpoint, pretrained_uri, read_checkpoint
+from .models import create_backbone, get_preset, load_checkpoint, pretrained_uri, read_checkpoint
 from .reduce import NONE, apply, build, spec_of, stored_spec
 
 log = logging.getLogger("vimerge")
@@ -33,7 +32,7 @@ def create_model(name: str | None = None, *, checkpoint: str | os.PathLike | Non
         name: a registered preset (``vimerge.list_models()``); None: the preset recorded in
             ``checkpoint`` (written by ``vimerge retrain``/``train``).
         checkpoint, pretrained, strict, ema, **overrides: as for
-            :func:`vimerge.models.create_model` (``num_classes``, ``img_size``, ``depth``, ...).
+            :func:`vimerge.models.create_backbone` (``num_classes``, ``img_size``, ``depth``, ...).
             The constructor arguments recorded in the checkpoint are the defaults.
         reduce: a reduction spec (``"rmeeto:r=4"``) installed on the model; ``"none"`` for
             none; None (default): the reduction recorded in the checkpoint, if any.

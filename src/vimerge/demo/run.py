@@ -32,7 +32,7 @@ from vimerge.data import make_loader
 from vimerge.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, FashionMNISTNotFound, find_file, read_idx
 from vimerge.measure.evaluate import evaluate
 from vimerge.measure.flops import model_cost
-from vimerge.models import create_model, pretrained_uri
+from vimerge.models import create_backbone, pretrained_uri
 from vimerge.reduce import apply, parse_spec
 from vimerge.train import RetrainConfig, retrain
 from vimerge.train.recipe import BASE_RECIPE
@@ -62,7 +62,7 @@ class Base:
     model: str = MODEL
 
     def weights(self) -> dict[str, Any]:
-        """The :func:`vimerge.models.create_model` arguments that load these weights."""
+        """The :func:`vimerge.models.create_backbone` arguments that load these weights."""
         return {"pretrained": True} if self.source == "shipped" else {"checkpoint": self.path}
 
 
@@ -84,7 +84,7 @@ def find_base(model: str, checkpoint: str | None, *, train: bool = False) -> Bas
     shipped weights (skipped when ``train``), else ``cache_dir()/<model>-base/final.pth``; None
     when there are none (the caller trains one into that cache directory)."""
     if checkpoint is not None:
-        create_model(model, checkpoint=checkpoint)          # a wrong file fails here, with its reason
+        create_backbone(model, checkpoint=checkpoint)          # a wrong file fails here, with its reason
         return Base(str(checkpoint), "checkpoint", ["--checkpoint", str(checkpoint)], model=model)
     shipped = pretrained_uri(model)                         # the weights shipped in vimerge/assets
     if not train and shipped is not None and Path(shipped).is_file():
@@ -127,7 +127,7 @@ def resolve_base(checkpoint: str | None, data: str, *, train: bool = False, prog
 def build_model(weights: dict[str, Any], spec: str, model: str = MODEL) -> torch.nn.Module:
     """``model`` (default ``vim_fmnist``) with ``weights`` (:meth:`Base.weights`) and the
     reduction ``spec`` (eval mode)."""
-    net = create_model(model, **weights)
+    net = create_backbone(model, **weights)
     apply(net, spec)
     return net.eval()
 
@@ -290,7 +290,7 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
                                           train_data=train_data, model=TRANSFORMER)
     timings["base"] = time.perf_counter() - t0
 
-    probe = create_model(MODEL)
+    probe = create_backbone(MODEL)
     num_tokens, depth = probe.num_tokens, probe.depth
     specs = plan_rows(plan, num_tokens, depth)
     base_sha = _sha256(base.path)
@@ -310,7 +310,7 @@ def run_demo(*, data: str | None = None, output: str = "vimerge-demo", quick: bo
     with torch.inference_mode():     # compile / load the scan kernels before anything is timed
         probe.eval()(torch.zeros(2, 1, 28, 28))
         if plan.transformer:
-            create_model(TRANSFORMER).eval()(torch.zeros(2, 1, 28, 28))
+            create_backbone(TRANSFORMER).eval()(torch.zeros(2, 1, 28, 28))
     timings["warmup"] = time.perf_counter() - t0 - timings["base"]
 
     t_rows = time.perf_counter()

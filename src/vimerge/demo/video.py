@@ -45,7 +45,7 @@ from vimerge.data.video import VideoDataset, read_annotations
 from vimerge.measure.evaluate import evaluate
 from vimerge.measure.flops import model_cost
 from vimerge.measure.table import markdown_table
-from vimerge.models import create_model
+from vimerge.models import create_backbone
 from vimerge.reduce import apply, format_spec, parse_spec
 from vimerge.reduce.schedule import r_for_ratio, reduction_ratio
 from vimerge.reduce.stm import settings_for_mean_ratio
@@ -131,7 +131,7 @@ class VideoRow:
 
 def _num_tokens(name: str) -> tuple[int, int, int]:
     """(tokens, blocks, class-token index) of a preset."""
-    probe = create_model(name)
+    probe = create_backbone(name)
     return probe.num_tokens, probe.depth, probe.cls_index
 
 
@@ -280,7 +280,7 @@ def image_eval_command(data: str, images: int, spec: str) -> str:
 
 def run_video_row(row: VideoRow, weights: dict[str, Any], command: str, loader, *, progress: bool) -> dict:
     """Build the row's model, evaluate it, return its JSON row."""
-    model = create_model(row.model, **weights)
+    model = create_backbone(row.model, **weights)
     apply(model, row.reduce)
     model.eval()
     cost = model_cost(model)
@@ -604,7 +604,7 @@ def run_video_demo(*, data: str | None = None, output: str = "vimerge-demo-video
                               test_list=test_list)
     timings["base"] = time.perf_counter() - t
 
-    probe = create_model(VIDEO_MODEL, **base.weights()).eval()
+    probe = create_backbone(VIDEO_MODEL, **base.weights()).eval()
     test = read_test_clips(test_list, probe, progress=progress)
     timings["read"] = test.seconds
     specs = plan_video_rows(plan)
@@ -623,7 +623,7 @@ def run_video_demo(*, data: str | None = None, output: str = "vimerge-demo-video
     with torch.inference_mode():        # load the scan kernels before anything is timed
         probe(test.data.clips[:2])
         if plan.image_rows:
-            create_model(IMAGE_MODEL).eval()(torch.zeros(2, 1, 28, 28))
+            create_backbone(IMAGE_MODEL).eval()(torch.zeros(2, 1, 28, 28))
 
     t_rows = time.perf_counter()
     retrain_seconds = 0.0
@@ -702,7 +702,7 @@ def _figure_configs(rows: list[dict], plan: VideoPlan, base: Base) -> list[tuple
         if row is None or row["key"] in seen:
             continue
         seen.add(row["key"])
-        model = create_model(VIDEO_MODEL, **base.weights())
+        model = create_backbone(VIDEO_MODEL, **base.weights())
         apply(model, row["reduce"])
         configs.append((title, model.eval()))
     return configs

@@ -1,15 +1,15 @@
 """Backbones, one file each (``vim.py``), registered by name; generic checkpoint reading.
 
->>> from vimerge.models import create_model, list_models
->>> model = create_model("vim_small", checkpoint="vim_s_midclstok_80p5acc.pth")
+>>> from vimerge.models import create_backbone, list_models
+>>> model = create_backbone("vim_small", checkpoint="vim_s_midclstok_80p5acc.pth")
 """
 
 from . import deit, videomamba, vim  # noqa: F401  (each registers its presets)
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
 from .deit import VisionTransformer
-from .registry import create_model, get_preset, list_models, model_defaults, pretrained_uri, register_model
+from .registry import create_backbone, get_preset, list_models, model_defaults, pretrained_uri, register_model
 from .videomamba import VideoMamba
 from .vim import VisionMamba
 
-__all__ = ["create_model", "list_models", "model_defaults", "register_model", "get_preset", "pretrained_uri",
+__all__ = ["create_backbone", "list_models", "model_defaults", "register_model", "get_preset", "pretrained_uri",
            "VisionMamba", "VisionTransformer", "VideoMamba", "CheckpointError", "load_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"]

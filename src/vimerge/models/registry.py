@@ -1,4 +1,4 @@
-"""Model presets by name (timm-style): ``create_model("vim_small", num_classes=10)``.
+"""Model presets by name (timm-style): ``create_backbone("vim_small", num_classes=10)``.
 
 A leaf of ``vimerge.models``: backbone files register their presets here where they are
 defined (``register_model``), and this module knows no backbone.
@@ -66,7 +66,7 @@ def pretrained_uri(name: str) -> str | None:
     return get_preset(name).pretrained
 
 
-def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+def create_backbone(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
                  checkpoint: str | os.PathLike | None = None, pretrained: bool = False, strict: bool = True,
                  ema: bool | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model, optionally loading weights.

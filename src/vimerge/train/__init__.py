@@ -9,28 +9,28 @@
 
 Modules: :mod:`.recipe` (config, schedule, parameter groups, EMA), :mod:`.loss` (the training
 loss), :mod:`.loop` (the loop), :mod:`.log` (the run log), :mod:`.data` (subset and resumable
-order), :mod:`.augment` (batch augmentation), :mod:`.checkpoint` (run directory, resume state),
+order), :mod:`.augment` (batch augmentation), :mod:`.rundir` (run directory, resume state),
 :mod:`.distributed` (torchrun set-up).
 """
 
 from __future__ import annotations
 
 from .augment import LightAugment
-from .checkpoint import NothingToResume, RunDirError, load_retrained
 from .log import RunLog
 from .loop import NonFiniteLossError, RetrainInterrupted, RetrainResult, retrain
 from .loss import RetrainLoss
 from .recipe import (
-                     BASE_RECIPE,
-                     EMA,
-                     CosineSchedule,
-                     RetrainConfig,
-                     lr_at,
-                     no_decay_names,
-                     param_groups,
-                     recipe_defaults,
-                     resolve_accum,
+    BASE_RECIPE,
+    EMA,
+    CosineSchedule,
+    RetrainConfig,
+    lr_at,
+    no_decay_names,
+    param_groups,
+    recipe_defaults,
+    resolve_accum,
 )
+from .rundir import NothingToResume, RunDirError, load_retrained
 
 __all__ = ["BASE_RECIPE", "CosineSchedule", "EMA", "LightAugment", "NonFiniteLossError",
            "RetrainConfig", "RetrainLoss", "RetrainResult", "RunDirError", "RunLog",

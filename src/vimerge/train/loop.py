@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from ..data import subset_evenly
 from ..measure.evaluate import evaluate
-from ..models import create_model, model_defaults
+from ..models import create_backbone, model_defaults
 from ..models.checkpoint import save_checkpoint
 from ..reduce import apply
-from . import checkpoint as ck
+from . import rundir as ck
 from .augment import LightAugment, TimmBatchAugment, batch_generator, require_timm
 from .data import (
     ResumableBatchSampler,
@@ -345,7 +345,7 @@ class _Run:
             kwargs["drop_path_rate"] = cfg.drop_path
         kwargs.setdefault("scan_backend", cfg.scan_backend)
         torch.manual_seed(cfg.seed)   # the same fresh head (if any) on every process
-        return create_model(cfg.model, checkpoint=cfg.checkpoint, num_classes=num_classes,
+        return create_backbone(cfg.model, checkpoint=cfg.checkpoint, num_classes=num_classes,
                             img_size=img_size, **kwargs)
 
     def _teacher(self, model: nn.Module) -> nn.Module | None:

@@ -62,7 +62,7 @@ class RetrainConfig:
     loss is ``(1 - distill_alpha) * ce + distill_alpha * kd``. The paper re-trains with plain
     cross-entropy, so the default is ``"none"``.
     Run: ``output`` (the run directory), ``resume`` (``"require"``: continue the run in
-    ``output``, an error (:class:`~vimerge.train.checkpoint.NothingToResume`) when it holds
+    ``output``, an error (:class:`~vimerge.train.rundir.NothingToResume`) when it holds
     nothing to continue, as ``vimerge retrain --resume``; True: continue it when there is one,
     else start a new run there (logged at info level)), ``overwrite`` (start over; not with ``resume``). ``recipe`` records where the
     defaults came from (``"paper"``, ``"base"`` or ``"preset:NAME"``, see :meth:`from_recipe`).
