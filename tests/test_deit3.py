@@ -216,6 +216,13 @@ def family_cases():
         ("dinov2", {**{k: v for k, v in deit.items()}, "mask_token": torch.zeros(1, 192)},
          ["masked-image-modelling", "DINOv2", "use a DeiT or DeiT III checkpoint"]),
         ("openai_clip", clip, ["OpenAI CLIP", "no CLIP backbone", "create_model('deit_small')"]),
+        ("hugging_face", {"vit.embeddings.cls_token": torch.zeros(1, 1, 192),   # transformers ViTModel names
+                          "vit.embeddings.position_embeddings": torch.zeros(1, 17, 192),
+                          "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(192, 3, 16, 16),
+                          "vit.encoder.layer.0.attention.attention.query.weight": torch.zeros(192, 192),
+                          "vit.encoder.layer.0.layernorm_before.weight": torch.zeros(192),
+                          "classifier.weight": torch.zeros(1000, 192)},
+         ["Hugging Face transformers", "timm / facebookresearch names", "deit_3_small_224_1k.pth"]),
         ("timm_clip", {**deit, "norm_pre.weight": torch.ones(192), "norm_pre.bias": torch.zeros(192)},
          ["CLIP-style", "norm_pre", "no pre-norm"]),
         ("beit", beit, ["BEiT", "relative position bias", "absolute position embeddings only"]),

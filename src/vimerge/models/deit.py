@@ -148,8 +148,9 @@ class VisionTransformer(nn.Module):
         img_size, patch_size, in_chans: the patch embedding (stride = patch size).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the blocks.
         num_classes: head outputs (0 gives features from :meth:`forward`).
-        drop_rate: dropout after the position embedding; drop_path_rate: stochastic depth,
-            linear over the blocks (timm's ``dpr``).
+        drop_rate: dropout after the position embedding (timm; ``models_v2.py`` drops before
+            the head instead, 0 in both recipes); drop_path_rate: stochastic depth, linear over
+            the blocks (timm's ``dpr``) unless ``dpr_constant``.
         norm_eps: LayerNorm epsilon (1e-6 in DeiT and DeiT III).
         init_values: None (DeiT) or LayerScale's initial value (DeiT III; the presets use
             ``models_v2.py``'s ``init_scale=1e-4``; timm's ``deit3_*`` use 1e-6).
@@ -445,12 +446,14 @@ def vit_family(state: Mapping[str, Tensor]) -> tuple[str, str] | None:
 
     Returns ``(what it is, what to use instead)``. Recognised by keys (timm
     ``vision_transformer.py`` / ``beit.py`` / ``eva.py``, facebookresearch/deit, OpenAI CLIP,
-    DINOv2, MAE):
+    DINOv2, MAE, Hugging Face transformers ``modeling_vit.py``), in this order:
 
     * ``dist_token`` / ``head_dist.*``: a distilled DeiT (a second token and head);
     * ``reg_token`` (timm) / ``register_tokens`` (DINOv2): register tokens;
     * ``mask_token``: a masked-image-modelling pre-training backbone (DINOv2, MAE...);
     * ``*class_embedding`` with ``transformer.resblocks.*``: an OpenAI CLIP image tower;
+    * ``patch_embeddings.projection`` / ``encoder.layer.N.attention.attention``: Hugging Face
+      transformers names (``ViTModel`` / ``DeiTModel``);
     * ``norm_pre.*``: a CLIP-style ViT with a norm before the blocks (timm ``vit_*_clip_*``);
     * ``*relative_position_bias_table``: BEiT / BEiT v2 / data2vec (relative position bias);
     * ``blocks.N.attn.q_proj`` / ``attn.q_bias`` / ``mlp.fc1_g``: EVA / EVA-02 attention or SwiGLU;
@@ -477,6 +480,12 @@ def vit_family(state: Mapping[str, Tensor]) -> tuple[str, str] | None:
                 "attn.in_proj_weight, ln_pre)",
                 f"vimerge has no CLIP backbone (a pre-norm before the blocks, QuickGELU, a projection head); "
                 f"use a DeiT or DeiT III checkpoint with {_DEIT_PRESETS}")
+    if has(r"(^|\.)patch_embeddings\.projection\.") or has(r"(^|\.)encoder\.layer\.\d+\.attention\.attention\."):
+        return ("a Hugging Face transformers ViT/DeiT (embeddings.patch_embeddings.projection, "
+                "encoder.layer.N.attention.attention.query/key/value)",
+                "vimerge reads the timm / facebookresearch names; use the facebookresearch .pth (e.g. "
+                "deit_small_patch16_224-cd65a155.pth, deit_3_small_224_1k.pth) or timm's weights of the same model "
+                f"with {_DEIT_PRESETS}")
     if "norm_pre.weight" in state:
         return ("a CLIP-style ViT with a norm before the blocks (norm_pre: timm vit_*_clip_* / OpenCLIP)",
                 f"vimerge's DeiT has no pre-norm; use a DeiT or DeiT III checkpoint with {_DEIT_PRESETS}")
