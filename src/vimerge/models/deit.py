@@ -360,9 +360,9 @@ class VisionTransformer(nn.Module):
             msg = f"checkpoint {source} is {family[0]}: {family[1]}"
             if strict:
                 raise CheckpointError(msg)
-            warnings.warn(msg, stacklevel=3)
-            if family[0].startswith("a distilled DeiT"):
-                warnings.warn("the distillation token and head were left out", stacklevel=3)
+            distilled = family[0].startswith("a distilled DeiT")
+            warnings.warn(msg + ("; the distillation token and head were left out" if distilled else ""), stacklevel=3)
+            if distilled:
                 state = {k: v for k, v in state.items() if k != "dist_token" and not k.startswith("head_dist.")}
         if not any(re.match(r"blocks\.\d+\.attn\.", k) for k in state):
             prefixes = sorted({k.split(".", 1)[0] for k in state})
