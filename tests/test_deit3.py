@@ -146,6 +146,20 @@ def test_forward_matches_the_equations(tmp_path):
     assert torch.equal(tokens[:, 0], sd["cls_token"].expand(2, -1, -1)[:, 0])   # no position on the class token
 
 
+def test_matches_timm_where_timm_imports():
+    timm = pytest.importorskip("timm", exc_type=ImportError)
+    ref = timm.create_model("deit3_small_patch16_224", pretrained=False, depth=2).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    ours = vimerge.create_model("deit3_small", depth=2)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
 def save(tmp_path, state, name="ckpt.pth"):
     torch.save({"model": state}, tmp_path / name)
     return str(tmp_path / name)
