@@ -42,7 +42,9 @@ reference loop in :mod:`vimerge.ops.reference` is the ground truth in the tests.
 
 from __future__ import annotations
 
+import itertools
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -266,6 +268,58 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _fwd_constexprs(has_d: bool, has_z: bool, has_bias: bool, softplus: bool, save_states: bool,
+                    blocks: tuple[int, int, int]) -> dict:
+    """The compile-time arguments of one ``_fwd_kernel`` launch (the launch and
+    :func:`launch_configs` both build them here)."""
+    BD, BN, BT = blocks
+    return dict(HAS_D=bool(has_d), HAS_Z=bool(has_z), HAS_BIAS=bool(has_bias), SOFTPLUS=bool(softplus),
+                SAVE_STATES=bool(save_states), BLOCK_D=BD, BLOCK_N=BN, BLOCK_T=BT)
+
+
+def _bwd_constexprs(has_d: bool, has_z: bool, has_bias: bool, softplus: bool,
+                    blocks: tuple[int, int, int]) -> dict:
+    """The compile-time arguments of one ``_bwd_kernel`` launch."""
+    BD, BN, BT = blocks
+    return dict(HAS_D=bool(has_d), HAS_Z=bool(has_z), HAS_BIAS=bool(has_bias), SOFTPLUS=bool(softplus),
+                BLOCK_D=BD, BLOCK_N=BN, BLOCK_T=BT)
+
+
+class LaunchConfig(NamedTuple):
+    """One compiled variant of a kernel: its name in this module, the compile-time arguments
+    (``tl.constexpr`` values) and ``num_warps``."""
+    kernel: str
+    constexprs: dict
+    num_warps: int
+
+
+def block_shapes(max_d_state: int, block_d: int = BLOCK_D, block_t: int = BLOCK_T) -> list[tuple[int, int, int]]:
+    """Every ``(BLOCK_D, BLOCK_N, BLOCK_T)`` :func:`_blocks` gives for any d, any L and a state
+    size n <= ``max_d_state`` (d and L past the caps give the caps)."""
+    cap_d, cap_t = _pow2(block_d), _pow2(block_t)
+    return sorted({_blocks(d, n, L, block_d, block_t)
+                   for d in range(1, cap_d + 1) for n in range(1, max_d_state + 1) for L in range(1, cap_t + 1)})
+
+
+def launch_configs(max_d_state: int, block_d: int = BLOCK_D, block_t: int = BLOCK_T) -> list[LaunchConfig]:
+    """Every kernel variant :func:`selective_scan_triton` (and so the dispatcher, which passes
+    the default ``block_d``/``block_t``) can launch for a state size up to ``max_d_state``:
+    :func:`block_shapes` x every combination of the optional inputs (D, z, delta_bias), softplus
+    and, forward, whether the chunk states are saved for backward. Built with the same functions
+    as the launches; tests/test_triton_compile.py compiles them ahead of time for sm_80/sm_90.
+    """
+    flags = list(itertools.product((False, True), repeat=4))
+    out = []
+    for blocks in block_shapes(max_d_state, block_d, block_t):
+        for has_d, has_z, has_bias, softplus in flags:
+            for save in (False, True):
+                out.append(LaunchConfig("_fwd_kernel", _fwd_constexprs(has_d, has_z, has_bias, softplus, save, blocks),
+                                        NUM_WARPS_FWD))
+            out.append(LaunchConfig("_bwd_kernel", _bwd_constexprs(has_d, has_z, has_bias, softplus, blocks),
+                                    NUM_WARPS_BWD))
+    return out
+
+
 class _TritonScan(torch.autograd.Function):
     """The fused scan (bias, softplus, D, z) with the Triton kernels; saves its inputs and the
     chunk entry states (b, d, ceil(L / BLOCK_T), n) for backward."""
@@ -287,8 +341,7 @@ class _TritonScan(torch.autograd.Function):
             u, delta, A, B, C, u if D is None else D, zz, u if delta_bias is None else delta_bias,
             out, hs, d, L, n, n_chunks,
             *_strides(u), *_strides(delta), *_strides(zz), *_strides(A), *_strides(B), *_strides(C),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(softplus), SAVE_STATES=save, BLOCK_D=BD, BLOCK_N=BN, BLOCK_T=BT,
+            **_fwd_constexprs(D is not None, z is not None, delta_bias is not None, softplus, save, (BD, BN, BT)),
             num_warps=NUM_WARPS_FWD)
         ctx.softplus = bool(softplus)
         ctx.blocks = (BD, BN, BT)
@@ -319,8 +372,8 @@ class _TritonScan(torch.autograd.Function):
             hs, gout, gu, gx, gz, gA, gB, gC, gD, gbias, d, L, n, n_chunks, n_dblocks,
             *_strides(u), *_strides(delta), *_strides(zz), *_strides(gout), *_strides(A),
             *_strides(B), *_strides(C),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.softplus, BLOCK_D=BD, BLOCK_N=BN, BLOCK_T=BT, num_warps=NUM_WARPS_BWD)
+            **_bwd_constexprs(D is not None, z is not None, delta_bias is not None, ctx.softplus, (BD, BN, BT)),
+            num_warps=NUM_WARPS_BWD)
         return (gu, gx, gA.sum(0), gB.sum(1), gC.sum(1),
                 gD.sum(0) if D is not None else None, gz if z is not None else None,
                 gbias.sum(0) if delta_bias is not None else None, None, None, None)
