@@ -178,6 +178,15 @@ def test_pathlib_paths_end_to_end(tmp_path):
     assert RetrainConfig.from_dict(config) == cfg
 
 
+def test_paths_in_saved_entries_are_strings(tmp_path):
+    model = create_backbone("vim_fmnist", depth=1, embed_dim=8)
+    path = vimerge.save_checkpoint(model, tmp_path / "w.pth", config={"data": tmp_path / "fm"},
+                                   files=[tmp_path / "a", "b"], pair=(tmp_path, 1))
+    saved = torch.load(path, weights_only=True)      # a PosixPath would not load with weights_only
+    assert saved["config"] == {"data": str(tmp_path / "fm")}
+    assert saved["files"] == [str(tmp_path / "a"), "b"] and saved["pair"] == (str(tmp_path), 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # issue 25 item 7: last week's spellings, with a DeprecationWarning naming the new one
 
