@@ -26,7 +26,14 @@ from torch.utils.data import Dataset
 
 from ..factory import Weights
 from .distributed import DistEnv, barrier, broadcast_object, cleanup, gather_objects, setup
-from .epoch import EpochReport, StepHooks, deferred_interrupt, run_epoch, validate
+from .epoch import (
+    EpochReport,
+    NonFiniteLossError,  # noqa: F401  (its home before train/epoch.py)
+    StepHooks,
+    deferred_interrupt,
+    run_epoch,
+    validate,
+)
 from .log import RunLog
 from .recipe import RESUME_MUTABLE, RetrainConfig
 from .rundir import (
@@ -40,7 +47,7 @@ from .rundir import (
     set_rng_state,
     write_json,
 )
-from .setup import Training, build_training, seed_process
+from .setup import Training, amp_dtype_of, build_training, seed_process  # noqa: F401  (amp_dtype_of: as before)
 
 log = logging.getLogger(__name__)
 
