@@ -1,4 +1,10 @@
-"""The re-training recipe: configuration, learning-rate schedule, parameter groups, EMA.
+"""The training recipe: configuration (its option rules and command-line flags), learning-rate
+schedule, parameter groups, EMA.
+
+:class:`RetrainConfig` is every option of a run, re-training or training from scratch; each field
+declared with :func:`option` carries its flag, help and rule, from which ``vimerge retrain`` /
+``vimerge train`` build their options (``cli/retrain.py``) and which the configuration checks on
+construction (:meth:`RetrainConfig.validate`), so a new option is one field.
 
 Defaults follow the R-MeeTo paper (Sec. 4.1 and App. B): AdamW, learning rate cosine-decayed
 per optimizer step from 2e-5 to 1e-6, weight decay 0.05, effective batch 1024 (per-device batch
