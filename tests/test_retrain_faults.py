@@ -27,7 +27,7 @@ from vimerge.train import (
     recipe_defaults,
     retrain,
 )
-from vimerge.train import loop as train_loop
+from vimerge.train import epoch as train_epoch
 from vimerge.train.data import collate_train, open_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,19 +139,20 @@ def test_every_recipe_option_reaches_the_configuration():
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--ema-decay", "0.9"], "--ema-decay acts only with --ema"),
-    (["--distill-alpha", "0.3"], "--distill-alpha acts only with --distill"),
-    (["--distill", "hard", "--distill-tau", "2"], "--distill-tau acts only with --distill soft"),
-    (["--warmup-lr", "1e-5"], "--warmup-lr acts only with a warm-up"),
-    (["--mixup", "0.2"], "--mixup acts only with --augment timm"),
-    (["--reprob", "0.2"], "--reprob acts only with --augment timm"),
-    (["--augment", "none", "--crop", "pad"], "--crop acts only with augmentation"),
-    (["--augment", "none", "--hflip", "0.3"], "--hflip acts only with augmentation"),
-    (["--accum", "2", "--effective-batch", "64"], "--accum and --effective-batch"),
-    (["--warmup-steps", "2", "--warmup-epochs", "0.5"], "--warmup-steps and --warmup-epochs"),
-    (["--val-data", "none", "--eval-limit", "5"], "--limit acts only with evaluation data"),
-    (["--val-data", "none", "--limit", "5"], "--limit acts only with evaluation data"),
-    (["--resume", "--overwrite"], "--resume continues"),
+    (["--ema-decay", "0.9"], "ema_decay= (--ema-decay) acts only with ema=True (--ema)"),
+    (["--distill-alpha", "0.3"], "distill_alpha= (--distill-alpha) acts only with distill="),
+    (["--distill", "hard", "--distill-tau", "2"], "distill_tau= (--distill-tau) acts only with distill='soft'"),
+    (["--warmup-lr", "1e-5"], "warmup_lr= (--warmup-lr) acts only with a warm-up"),
+    (["--mixup", "0.2"], "mixup= (--mixup) acts only with augment='timm' (--augment timm)"),
+    (["--reprob", "0.2"], "reprob= (--reprob) acts only with augment='timm'"),
+    (["--augment", "none", "--crop", "pad"], "crop= (--crop) acts only with augmentation"),
+    (["--augment", "none", "--hflip", "0.3"], "hflip= (--hflip) acts only with augmentation"),
+    (["--accum", "2", "--effective-batch", "64"], "accum_steps= (--accum) and effective_batch= (--effective-batch)"),
+    (["--warmup-steps", "2", "--warmup-epochs", "0.5"], "warmup_steps= (--warmup-steps) and warmup_epochs="),
+    (["--val-data", "none", "--eval-limit", "5"], "eval_limit= (--limit) acts only with evaluation data"),
+    (["--val-data", "none", "--limit", "5"], "eval_limit= (--limit) acts only with evaluation data"),
+    (["--limit", "0"], "eval_limit (--limit) must be >= 1"),
+    (["--resume", "--overwrite"], "resume (--resume) continues"),
     (["--pretrained", "--checkpoint", "w.pth"], "not both"),
 ])
 def test_options_the_run_would_ignore_are_refused(tmp_path, capsys, extra, needle):
@@ -321,12 +322,12 @@ def test_cli_ctrl_c_exits_130_with_the_advice_to_resume(tmp_path, monkeypatch, c
         if len(calls) == 4:
             raise KeyboardInterrupt
         return collate_train(samples)
-    monkeypatch.setattr(train_loop, "collate_train", collate_then_ctrl_c)
+    monkeypatch.setattr(train_epoch, "collate_train", collate_then_ctrl_c)
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 3" in err and "--resume" in err
     assert torch.load(out / "last.pth", weights_only=True)["progress"]["global_step"] == 3
-    monkeypatch.setattr(train_loop, "collate_train", collate_train)
+    monkeypatch.setattr(train_epoch, "collate_train", collate_train)
     assert main(argv + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["global_step"] == 8
 

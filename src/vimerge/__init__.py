@@ -1,14 +1,18 @@
 """vimerge: token reduction for Vision Mamba.
 
-Public API:
+The public API is ``vimerge.__all__``, listed with one line each in the README's "Public API"
+section (``tests/test_train_api.py`` keeps both the same):
+
     create_model                                   -- a model by name, with its weights and the reduction
                                                       they were re-trained with (vimerge.factory)
     list_models, register_model                    -- backbone presets (vimerge.models)
-    load_checkpoint, save_checkpoint               -- official / plain / safetensors / hub weights
+    load_checkpoint, save_checkpoint, CheckpointError -- official / plain / safetensors / hub weights
     apply, remove, token_counts                    -- token reduction (vimerge.reduce)
-    parse_spec, format_spec, list_methods          -- reductions as one string ("rmeeto:r=11")
+    parse_spec, format_spec, list_methods, register_method -- reductions as one string ("rmeeto:r=11")
+    reduction_ratio, r_for_ratio                   -- the mean-token ratio and the r that reaches it
     count_flops                                    -- FLOPs per image (paper / full convention)
     selective_scan, available_backends             -- the scan kernels (vimerge.ops)
+    RetrainConfig, retrain, load_retrained         -- (re-)training (vimerge.train)
 
 >>> import vimerge
 >>> model = vimerge.create_model("vim_fmnist", pretrained=True)
@@ -33,8 +37,9 @@ from .reduce import (
     remove,
     token_counts,
 )
+from .train import RetrainConfig, load_retrained, retrain
 
 __all__ = ["create_model", "list_models", "register_model", "load_checkpoint", "save_checkpoint",
-           "CheckpointError", "selective_scan", "available_backends", "apply", "remove", "token_counts",
-           "parse_spec", "format_spec", "list_methods", "register_method", "count_flops",
-           "reduction_ratio", "r_for_ratio", "__version__"]
+           "CheckpointError", "apply", "remove", "token_counts", "parse_spec", "format_spec", "list_methods",
+           "register_method", "reduction_ratio", "r_for_ratio", "count_flops", "selective_scan",
+           "available_backends", "RetrainConfig", "retrain", "load_retrained", "__version__"]

@@ -597,6 +597,17 @@ def listing(items: list[str]) -> str:
 # writing
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every ``os.PathLike`` inside (dicts, lists, tuples) as a string."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def save_checkpoint(model: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, *,
                     official: bool = True, **extra: Any) -> Path:
     """Write ``model``'s weights atomically (temporary file in the same folder, then rename).
@@ -616,6 +627,7 @@ def save_checkpoint(model: nn.Module | Mapping[str, Tensor], path: str | os.Path
         The path written.
     """
     path = Path(path).expanduser()
+    extra = {k: _plain(v) for k, v in extra.items()}   # a path recorded is a string (weights_only reads it)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     safetensors = path.suffix == ".safetensors"

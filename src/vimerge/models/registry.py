@@ -7,6 +7,7 @@ defined (``register_model``), and this module knows no backbone.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,3 +106,21 @@ def create_backbone(name: str, *, num_classes: int | None = None, img_size: int 
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, strict=strict, ema=ema)
     return model
+
+
+# names of earlier releases, kept for one release (DeprecationWarning naming the new spelling)
+_MOVED = {"create_model": "vimerge.models.create_backbone (the model as its weights were trained: vimerge.create_model)",
+          "FMNIST_WEIGHTS": "vimerge.models.pretrained_uri('vim_fmnist')",
+          "HUB_WEIGHTS": "vimerge.models.pretrained_uri(name)"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"vimerge.models.registry.{name} is deprecated and will be removed in the next release: "
+                  f"use {_MOVED[name]}", DeprecationWarning, stacklevel=2)
+    if name == "create_model":
+        return create_backbone
+    if name == "FMNIST_WEIGHTS":
+        return pretrained_uri("vim_fmnist")
+    return {n: p.pretrained for n, p in _PRESETS.items() if p.pretrained and p.pretrained.startswith("hf://")}

@@ -1,4 +1,10 @@
-"""The re-training recipe: configuration, learning-rate schedule, parameter groups, EMA.
+"""The training recipe: configuration (its option rules and command-line flags), learning-rate
+schedule, parameter groups, EMA.
+
+:class:`RetrainConfig` is every option of a run, re-training or training from scratch; each field
+declared with :func:`option` carries its flag, help and rule, from which ``vimerge retrain`` /
+``vimerge train`` build their options (``cli/retrain.py``) and which the configuration checks on
+construction (:meth:`RetrainConfig.validate`), so a new option is one field.
 
 Defaults follow the R-MeeTo paper (Sec. 4.1 and App. B): AdamW, learning rate cosine-decayed
 per optimizer step from 2e-5 to 1e-6, weight decay 0.05, effective batch 1024 (per-device batch
@@ -16,13 +22,15 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, Field, InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..data import detect_kind
 from ..models import get_preset, pretrained_uri
 from ..reduce import format_spec, parse_spec, stored_spec
 from .loss import DISTILL_TYPES
@@ -35,9 +43,37 @@ CROPS = ("auto", "rrc", "pad", "none")
 RECIPES = ("auto", "paper", "base")    # see recipe_defaults
 
 
+def option(default: Any = MISSING, *, help: str | None = None, flag: str | None = None,
+           aliases: tuple[str, ...] = (), group: str = "recipe", choices: tuple[str, ...] | None = None,
+           needs: tuple[Callable[[RetrainConfig], bool], str] | None = None,
+           default_factory: Any = MISSING) -> Any:
+    """A :class:`RetrainConfig` field and what the command line and the rules need to know of it.
+
+    ``help`` (with it the field is a flag of ``vimerge retrain``/``train``: ``flag``, default
+    ``--field-name``, plus ``aliases``, in argument group ``group``; ``"recipe"`` fields take the
+    recipe's value when left out), ``choices`` (the values allowed, checked here and by the
+    parser), ``needs``: ``(condition on the configuration, what it needs in words)``, a value
+    that differs from the recipe's default is refused when the condition fails (an option the
+    run would ignore). A new training option is this one field.
+    """
+    metadata = {"help": help, "flag": flag, "aliases": aliases, "group": group, "choices": choices,
+                "needs": needs}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _warm_up(c: RetrainConfig) -> bool:
+    return bool(c.warmup_steps or c.warmup_epochs)
+
+
+_WITH_TIMM = (lambda c: c.augment == "timm", "augment='timm' (--augment timm)")
+_WITH_AUGMENT = (lambda c: c.augment != "none", "augmentation (augment='light' or 'timm', --augment)")
+
+
 @dataclass
 class RetrainConfig:
-    """Everything a re-training run needs; :func:`vimerge.train.retrain` takes one.
+    """Everything a re-training (or training) run needs; :func:`vimerge.train.retrain` takes one.
 
     Model: ``model`` (registered name), ``checkpoint`` (weights to start from and, with
     ``distill``, the teacher), ``pretrained`` (start from the preset's published weights: it
@@ -47,8 +83,10 @@ class RetrainConfig:
     Reduction: ``reduce``, a reduction spec such as ``"rmeeto:r=11"`` or ``"none"`` (see
     :func:`vimerge.reduce.apply`); stored in its canonical spelling. The default is the paper's
     R-MeeTo r = 11 (Vim-S/B); ``vimerge retrain`` given no reduction option passes the
-    reduction the checkpoint records, else ``"none"``.
-    Data: ``data`` (Fashion-MNIST IDX directory or ImageFolder directory, auto-detected),
+    reduction the checkpoint records, else ``"none"``. The keywords ``method=`` and
+    ``reduction=`` of earlier releases are still taken (one release, with a DeprecationWarning):
+    ``method="rmeeto", reduction={"r": 4}`` is ``reduce="rmeeto:r=4"``.
+    Data: ``data`` (Fashion-MNIST IDX directory, ImageFolder or video directory, auto-detected),
     ``val_data`` ("auto": Fashion-MNIST's test split, or DIR/val next to DIR/train), ``fraction``
     of the training set (Table 8; the subset is drawn with ``data_seed``, default ``seed``).
     Steps: ``batch_size`` per device, ``accum_steps`` (None: the fewest that reach
@@ -64,8 +102,18 @@ class RetrainConfig:
     Run: ``output`` (the run directory), ``resume`` (``"require"``: continue the run in
     ``output``, an error (:class:`~vimerge.train.rundir.NothingToResume`) when it holds
     nothing to continue, as ``vimerge retrain --resume``; True: continue it when there is one,
-    else start a new run there (logged at info level)), ``overwrite`` (start over; not with ``resume``). ``recipe`` records where the
-    defaults came from (``"paper"``, ``"base"`` or ``"preset:NAME"``, see :meth:`from_recipe`).
+    else start a new run there (logged at info level)), ``overwrite`` (start over; not with
+    ``resume``). ``recipe`` records where the defaults came from (``"paper"``, ``"base"`` or
+    ``"preset:NAME"``, see :meth:`from_recipe`).
+
+    Paths (``checkpoint``, ``data``, ``val_data``, ``output``) may be ``str`` or ``os.PathLike``;
+    they are kept (and recorded in ``config.json`` and the log) as strings.
+
+    Rules, checked on construction (ValueError naming the field and its flag): values in range
+    and choices; pairs that exclude each other; a value that the run would ignore is refused
+    (``ema_decay`` without ``ema``, ``mixup`` without ``augment="timm"``...: each field's
+    ``needs``, see :func:`option`), where "given" means different from the default of the
+    configuration's ``recipe``.
     """
 
     # model and reduction
@@ -80,60 +128,85 @@ class RetrainConfig:
     # data
     data: str | None = None
     val_data: str | None = "auto"
-    fraction: float = 1.0
-    data_seed: int | None = None
-    workers: int = DEFAULT_WORKERS
+    fraction: float = option(1.0, group="data", help="train on this fraction of the data, drawn with the "
+                             "seed (Table 8: 0.01, 0.05, 0.1; the paper trains 3/fraction epochs to keep the "
+                             "number of updates)")
+    data_seed: int | None = option(None, group="data", help="seed of the subset (default --train-seed)")
+    workers: int = option(DEFAULT_WORKERS, group="data",
+                          help="data loader processes per device (half the CPUs, at most 4)")
     eval_batch_size: int | None = None
-    eval_limit: int | None = None
+    eval_limit: int | None = option(None, flag="--limit", aliases=("--eval-limit",), group="data",
+                                    help="evaluate on at most N images, as eval's --limit",
+                                    needs=(lambda c: c.val_data is not None,
+                                           "evaluation data (val_data=..., --val-data)"))
     # steps
-    epochs: int = 3
-    batch_size: int = 128
-    effective_batch: int = 1024
-    accum_steps: int | None = None
-    max_steps: int | None = None
+    epochs: int = option(3, help="passes over the (sub)set")
+    batch_size: int = option(128, help="per-device batch")
+    effective_batch: int = option(1024, help="target of batch x accumulation x processes (not with --accum)")
+    accum_steps: int | None = option(None, flag="--accum", help="gradient accumulation steps (default: "
+                                     "enough for the effective batch; not with --effective-batch)")
+    max_steps: int | None = option(None, group="run", help="stop after this global step (with a "
+                                   "checkpoint; --resume continues)")
     # optimisation
-    lr: float = 2e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
+    lr: float = option(2e-5, help="peak learning rate")
+    min_lr: float = option(1e-6, help="final learning rate of the cosine")
+    warmup_steps: int = option(0, help="linear warm-up updates (not with --warmup-epochs)")
+    warmup_epochs: float = option(0.0, help="linear warm-up in epochs")
+    warmup_lr: float = option(1e-6, help="learning rate the warm-up starts from (needs a warm-up)",
+                              needs=(_warm_up, "a warm-up (warmup_steps= or warmup_epochs=, --warmup-steps "
+                                     "or --warmup-epochs)"))
+    weight_decay: float = option(0.05, help="AdamW weight decay")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip_grad: float | None = None
-    label_smoothing: float = 0.1
-    drop_path: float | None = None
-    ema: bool = False
-    ema_decay: float = 0.996
-    distill: str = "none"
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
-    amp: str = "auto"
+    clip_grad: float | None = option(None, help="clip the gradient norm to this")
+    label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
+    drop_path: float | None = option(None, help="stochastic depth rate")
+    ema: bool = option(False, help="keep an EMA of the weights (paper: Vim-B)")
+    ema_decay: float = option(0.996, help="EMA decay (needs --ema)", needs=(lambda c: c.ema, "ema=True (--ema)"))
+    distill: str = option("none", choices=DISTILL_TYPES, help="distil from the unreduced model: soft = KL on "
+                          "logits, hard = teacher's top class (DeiT)")
+    distill_alpha: float = option(0.5, help="weight of the distillation loss (needs --distill)",
+                                  needs=(lambda c: c.distill != "none", "distill='soft' or 'hard' (--distill)"))
+    distill_tau: float = option(1.0, help="temperature of soft distillation (needs --distill soft)",
+                                needs=(lambda c: c.distill == "soft", "distill='soft' (--distill soft)"))
+    amp: str = option("auto", choices=AMP_MODES,
+                      help="mixed precision (auto: bf16 on GPUs that have it, else fp16; none on CPU)")
     # augmentation
-    augment: str = "light"
-    crop: str = "auto"
+    augment: str = option("light", choices=AUGMENTS, help="light: random crop + flip with torch ops; timm: "
+                          "RandAugment, mixup/cutmix, random erasing (needs timm)")
+    crop: str = option("auto", choices=CROPS, needs=_WITH_AUGMENT, help="light crop: random resized (rrc) "
+                       "or padded random crop (auto: pad up to 64 px)")
     crop_padding: int | None = None
     rrc_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
+    hflip: float = option(0.5, help="horizontal flip probability", needs=_WITH_AUGMENT)
     rand_augment: str = "rand-m9-mstd0.5-inc1"
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    reprob: float = 0.25
+    mixup: float = option(0.8, help="mixup alpha (needs --augment timm)", needs=_WITH_TIMM)
+    cutmix: float = option(1.0, help="cutmix alpha (needs --augment timm)", needs=_WITH_TIMM)
+    reprob: float = option(0.25, help="random erasing probability (needs --augment timm)", needs=_WITH_TIMM)
     # run
-    seed: int = 0
+    seed: int = option(0, flag="--train-seed", group="run", help="seed of data order, augmentation, init")
     device: str = "auto"
     output: str = "runs/retrain"
     resume: bool | str = False
     overwrite: bool = False
-    save_every: int = 0
-    log_every: int = 10
+    save_every: int = option(0, group="run", help="also checkpoint every N steps")
+    log_every: int = option(10, group="run", help="log every N optimizer steps")
     eval_every: int = 1
     progress: bool = True
     tensorboard: bool | None = None
     dist_backend: str = "auto"
     recipe: str = "paper"
+    # the keywords of earlier releases (deprecated; see the class docstring)
+    method: InitVar[str | None] = None
+    reduction: InitVar[dict[str, Any] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, method: str | None = None, reduction: dict[str, Any] | None = None) -> None:
+        if method is not None or reduction is not None:
+            self.reduce = _deprecated_reduction(method, reduction, self.reduce)
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, os.fspath(value))
         self.betas = tuple(self.betas)            # type: ignore[assignment]
         self.rrc_scale = tuple(self.rrc_scale)    # type: ignore[assignment]
         self.reduce = canonical_spec(self.reduce)
@@ -141,56 +214,117 @@ class RetrainConfig:
             uri = pretrained_uri(self.model)
             if uri is None:
                 raise ValueError(f"model {self.model!r} has no published weights: pass "
-                                 f"checkpoint=PATH (--checkpoint) instead of pretrained")
+                                 f"checkpoint=PATH (--checkpoint) instead of pretrained (--pretrained)")
             if self.checkpoint is None:
                 self.checkpoint = uri
-            elif os.fspath(self.checkpoint) != uri:
-                raise ValueError(f"give checkpoint ({self.checkpoint}) or pretrained (the weights "
-                                 f"of {self.model}, {uri}), not both")
+            elif self.checkpoint != uri:
+                raise ValueError(f"give checkpoint= ({self.checkpoint}; --checkpoint) or pretrained=True "
+                                 f"(--pretrained: the weights of {self.model}, {uri}), not both")
+        self.validate()
+
+    def validate(self, given: Iterable[str] = ()) -> None:
+        """Check ranges, choices, exclusive pairs and that every given value acts (the class
+        docstring); raises ValueError naming the field (and its ``vimerge retrain`` flag).
+        ``given``: fields set explicitly, checked even where they equal the recipe's value
+        (:meth:`from_recipe` passes the values it was given)."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} ({flag_of(f)}) must be one of {', '.join(choices)}, got "
+                                 f"{getattr(self, f.name)!r}")
         checks = [
-            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
-            (self.distill in DISTILL_TYPES, f"distill must be one of {DISTILL_TYPES}, got {self.distill!r}"),
-            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
-            (self.crop in CROPS, f"crop must be one of {CROPS}, got {self.crop!r}"),
-            (0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.accum_steps is None or self.accum_steps >= 1, "accum_steps must be >= 1"),
-            (self.effective_batch >= 1, "effective_batch must be >= 1"),
-            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (0.0 <= self.distill_alpha <= 1.0, "distill_alpha must be in [0, 1]"),
-            (self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})"),
-            (not (self.warmup_steps and self.warmup_epochs),
-             f"give warmup_steps ({self.warmup_steps}) or warmup_epochs ({self.warmup_epochs}), not both"),
+            (0.0 < self.fraction <= 1.0, f"fraction (--fraction) must be in (0, 1], got {self.fraction}"),
+            (self.epochs >= 1, f"epochs (--epochs) must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size (--batch-size) must be >= 1, got {self.batch_size}"),
+            (self.accum_steps is None or self.accum_steps >= 1, "accum_steps (--accum) must be >= 1"),
+            (self.effective_batch >= 1, "effective_batch (--effective-batch) must be >= 1"),
+            (self.eval_limit is None or self.eval_limit >= 1, "eval_limit (--limit) must be >= 1"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay (--ema-decay) must be in [0, 1), got {self.ema_decay}"),
+            (0.0 <= self.distill_alpha <= 1.0, "distill_alpha (--distill-alpha) must be in [0, 1]"),
+            (self.min_lr <= self.lr, f"min_lr ({self.min_lr}; --min-lr) must not exceed lr ({self.lr}; --lr)"),
             (self.resume in (True, False, "require"),
              f"resume must be True, False or 'require', got {self.resume!r}"),
             (not (self.resume and self.overwrite),
-             "resume and overwrite exclude each other: continue the run or start it over"),
+             "resume (--resume) continues the run in output and overwrite (--overwrite) starts it over; "
+             "give one"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        given = self.given() | set(given)
+        for a, b, what in (("accum_steps", "effective_batch", "the accumulation"),
+                           ("warmup_steps", "warmup_epochs", "the warm-up")):
+            if a in given and b in given and getattr(self, a) and getattr(self, b):
+                raise ValueError(f"{a}= ({FLAGS[a]}) and {b}= ({FLAGS[b]}) both set {what}; give one")
+        for f in fields(self):
+            needs = f.metadata.get("needs")
+            if needs and f.name in given and not needs[0](self):
+                raise ValueError(f"{f.name}= ({flag_of(f)}) acts only with {needs[1]}; drop it or add "
+                                 f"what it needs")
+        if (self.augment == "timm" and self.data and {"crop", "hflip"} & given
+                and detect_kind(self.data, "train") == "imagefolder"):
+            name = "crop" if "crop" in given else "hflip"
+            raise ValueError(f"{name}= ({FLAGS[name]}) acts only with augment='light' (--augment light): "
+                             f"with augment='timm' on an image folder the crops and flips are timm's")
+
+    def given(self) -> set[str]:
+        """The fields whose value differs from the default of this configuration's recipe."""
+        baseline = {**DEFAULTS, **recipe_values(self.recipe)}
+        return {f.name for f in fields(self) if getattr(self, f.name) != baseline.get(f.name, MISSING)}
 
     @classmethod
     def from_recipe(cls, model: str = "vim_tiny", recipe: str = "auto", **given: Any) -> RetrainConfig:
         """The configuration of ``model`` with the defaults of ``recipe`` (see
         :func:`recipe_defaults`) under the values ``given``; ``recipe`` records which applied."""
         label, values = recipe_defaults(model, recipe)
-        return cls(model=model, recipe=label, **{**values, **given})
+        config = cls(model=model, recipe=label, **{**values, **given})
+        config.validate(given)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
+        """Plain JSON-able dict (tuples become lists, paths strings)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RetrainConfig:
         """The configuration ``to_dict`` wrote; also reads the ``method`` + ``reduction``
-        pair of configurations written before ``reduce`` existed."""
+        pair of configurations written before ``reduce`` existed (without a warning: the file
+        is not the user's code)."""
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         if "reduce" not in d and ("method" in d or "reduction" in d):
             values["reduce"] = stored_spec({"method": d.get("method", "rmeeto"), "options": d.get("reduction")})
         return cls(**values)
+
+
+# fields that name files or directories (str or os.PathLike given, str kept)
+PATH_FIELDS = ("checkpoint", "data", "val_data", "output")
+DEFAULTS: dict[str, Any] = {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                            for f in fields(RetrainConfig)}
+
+
+def flag_of(f: Field) -> str:
+    """The command-line flag of a :class:`RetrainConfig` field (``--name-with-dashes`` unless its
+    metadata names another)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+FLAGS: dict[str, str] = {f.name: flag_of(f) for f in fields(RetrainConfig)}
+
+
+def _deprecated_reduction(method: str | None, reduction: dict[str, Any] | None, reduce: str) -> str:
+    """The ``reduce`` spec of the ``method=`` / ``reduction=`` keywords of earlier releases, with a
+    DeprecationWarning that names it."""
+    if reduce != DEFAULTS["reduce"]:
+        raise ValueError(f"give reduce= ({reduce!r}) or the deprecated method= / reduction=, not both")
+    method = method or "rmeeto"
+    if reduction is None:     # the old defaults: R-MeeTo with r = 11
+        reduction = {"r": 11} if method == "rmeeto" else {}
+    spec = canonical_spec(stored_spec({"method": method, "options": reduction}))
+    given = ", ".join(f"{k}={v!r}" for k, v in (("method", method), ("reduction", reduction)))
+    warnings.warn(f"RetrainConfig({given}) is deprecated and will be removed in the next release: "
+                  f"use reduce={spec!r}", DeprecationWarning, stacklevel=4)
+    return spec
 
 
 def canonical_spec(spec: str) -> str:
@@ -206,6 +340,19 @@ def canonical_spec(spec: str) -> str:
 BASE_RECIPE: dict[str, Any] = dict(reduce="none", epochs=3, batch_size=128,
                                    effective_batch=128, lr=3e-3, min_lr=1e-5, warmup_epochs=0.1,
                                    augment="none", seed=0)
+
+
+def recipe_values(label: str) -> dict[str, Any]:
+    """The field values of the recipe a configuration records (``"paper"``, ``"base"``,
+    ``"preset:NAME"``; a preset this installation lacks: none)."""
+    if label == "base":
+        return dict(BASE_RECIPE)
+    if label.startswith("preset:"):
+        try:
+            return dict(get_preset(label[len("preset:"):]).retrain_recipe or {})
+        except ValueError:
+            return {}
+    return {}
 
 
 def recipe_defaults(model: str, recipe: str = "auto") -> tuple[str, dict[str, Any]]:
