@@ -1,4 +1,6 @@
-"""The Fashion-MNIST demo (`vimerge demo`): plan, statistics, base model, outputs end to end."""
+"""The studies' runner and the image study (`vimerge demo`): plan, shared paired statistics and
+claims by hand, the throughput protocol on a fake clock, a small third study run, killed and
+resumed through the runner, the base model, and the quick image study end to end."""
 
 from __future__ import annotations
 
@@ -13,12 +15,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import vimerge
+import vimerge.demo.runner as runner
 from vimerge import cli
-from vimerge.data.fashion_mnist import DEFAULT_ROOT, is_fashion_mnist_dir
-from vimerge.demo import FULL, QUICK, claims, plan_rows, resolve_base
-from vimerge.demo.report import _compare, _verdict
+from vimerge.data import make_loader
+from vimerge.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, is_fashion_mnist_dir
+from vimerge.demo import (
+    FAMILIES,
+    FULL,
+    QUICK,
+    Base,
+    Prepared,
+    Row,
+    Study,
+    claims,
+    plan_rows,
+    resolve_base,
+    run_study,
+)
+from vimerge.demo.image_figures import style
+from vimerge.demo.report import plot_accuracy_vs_ratio, rows_table
+from vimerge.demo.stats import (
+    compare,
+    compare_claim,
+    correct_bits,
+    drop_comparison,
+    paired,
+    select_items,
+    verdict,
+)
+from vimerge.demo.timing import TimingPlan, protocol_text, time_rows
 from vimerge.reduce import format_spec, parse_spec
 from vimerge.reduce.stm import STM, settings_for_mean_ratio
 
@@ -93,7 +122,8 @@ def test_full_plan_rows():
     assert spec["deit-rmeeto-shuffled@0.54"] == ("rmeeto", {"r": [0, 8, 8, 8, 8, 8, 8, 8], "ordered": False})
     assert {r.model for r in rows if r.family.startswith("deit-")} == {"deit_fmnist"}
     assert {r.model for r in rows if not r.family.startswith("deit-")} == {"vim_fmnist"}
-    assert {r.family for r in rows if r.secondary} == {"stm-hsp", "stm-bnnm", "rmeeto-shuffled"}
+    assert {r.family for r in rows if r.data == "secondary"} == {"stm-hsp", "stm-bnnm", "rmeeto-shuffled"}
+    assert [r.key for r in rows if r.unreduced] == ["baseline", "deit-baseline"]
     assert len(plan_rows(QUICK, 50, 8)) == 6 + 6 + 2 * (2 + 2) + 2 + 3
 
 
@@ -103,9 +133,23 @@ def test_demo_does_not_import_the_command_line():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_study_modules_do_not_import_each_other():
+    # the image and video studies share the runner, the statistics and the report, not each other
+    package = Path(vimerge.__file__).parent / "demo"
+    for name, other in (("image", "video"), ("video", "image"), ("image_figures", "video"),
+                        ("video_figures", "image")):
+        text = (package / f"{name}.py").read_text()
+        assert not re.search(rf"from \.{other}\b|import vimerge\.demo\.{other}\b", text), name
+    for shared in ("runner", "study", "stats", "timing", "report", "base"):
+        text = (package / f"{shared}.py").read_text()
+        assert not re.search(r"from \.(image|video)", text), shared
+
+
+# ------------------------------------------------------------------------------------ statistics and claims
+
+
 def _row(key: str, correct: np.ndarray, **extra) -> dict:
-    bits = np.packbits(correct.astype(np.uint8)).tobytes().hex()
-    return {"key": key, "family": key.split("@")[0], "images": len(correct), "correct_bits": bits,
+    return {"key": key, "family": key.split("@")[0], "images": len(correct), "correct_bits": correct_bits(correct),
             "top1": 100.0 * correct.mean(), "setting": key, "reduction_ratio": 0.3, "target_ratio": 0.28,
             **extra}
 
@@ -114,14 +158,46 @@ def test_paired_comparison_by_hand():
     # 100 images: 45 both right, 15 only a, 5 only b, 35 both wrong.
     a = np.array([1] * 45 + [1] * 15 + [0] * 5 + [0] * 35, dtype=bool)
     b = np.array([1] * 45 + [0] * 15 + [1] * 5 + [0] * 35, dtype=bool)
-    d, se, winner = _compare(_row("x@1", a), _row("y@1", b))
+    d, se, winner = compare(_row("x@1", a), _row("y@1", b))
     assert d == pytest.approx(10.0)
     assert se == pytest.approx(100 * np.sqrt(20 - 10 ** 2 / 100) / 100)     # sqrt(19) = 4.36 points
     assert winner == "a"
-    b2 = np.array([1] * 45 + [0] * 10 + [1] * 10 + [0] * 35, dtype=bool)  # 10 only-a vs 5 only-b
-    a2 = np.array([1] * 45 + [1] * 10 + [0] * 5 + [1] * 0 + [0] * 40, dtype=bool)
-    d, se, winner = _compare(_row("x@1", a2), _row("y@1", b2))
+    assert compare(_row("y@1", b), _row("x@1", a))[2] == "b"
+    b2 = np.array([1] * 45 + [0] * 10 + [1] * 10 + [0] * 35, dtype=bool)  # 10 only-a vs 10 only-b
+    a2 = np.array([1] * 45 + [1] * 10 + [0] * 5 + [0] * 40, dtype=bool)
+    d, se, winner = compare(_row("x@1", a2), _row("y@1", b2))
     assert (d, winner) == (pytest.approx(0.0), "tie")
+    # 4 only-a and 1 only-b of 100: +3 points, s.e. sqrt(5 - 9/100) = 2.216: within two s.e.
+    a3 = np.array([1] * 4 + [0] + [0] * 95, bool)
+    b3 = np.array([0] * 4 + [1] + [0] * 95, bool)
+    d, se, winner = compare(_row("x@1", a3), _row("y@1", b3))
+    assert (d, se, winner) == (pytest.approx(3.0), pytest.approx(np.sqrt(4.91)), "tie")
+    assert paired(np.zeros(0)) == (0.0, 0.0, "tie")
+
+
+def test_drop_comparison_and_item_selection_by_hand():
+    # 10 items. a: base all right, row right on 4 (drop 6/10); b: base right on 9, row on 8 (drop 1/10).
+    ab = np.ones(10, bool)
+    ar = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    bb = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], bool)
+    br = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], bool)
+    # d = [0,0,0,0, 1,1,1,1, 1-1=0, 1-0=1] -> sum 5, squares 5: mean 50 points, s.e. 100 sqrt(5 - 2.5) / 10
+    d, se, o = drop_comparison(*(_row(f"r{i}@1", m) for i, m in enumerate((ab, ar, bb, br))))
+    assert (d, se, o) == (pytest.approx(50.0), pytest.approx(10 * np.sqrt(2.5)), "a")
+    picked = select_items(_row("x@1", ar), [0, 5, 3, 42])      # 42 is past the end: left out
+    assert picked["images"] == 3 and picked["correct_bits"] == correct_bits(np.array([1, 0, 1], bool))
+
+
+def test_verdicts_and_claim_records():
+    assert [verdict(o) for o in (["a", "a"], ["a", "b"], ["tie", "b"], ["a", "tie"], [])] == [
+        "reproduced", "mixed", "not reproduced", "inconclusive", "not measured"]
+    a = np.array([1] * 60 + [0] * 40, bool)
+    b = np.array([1] * 40 + [0] * 60, bool)
+    c = compare_claim("A beats B", "a paper", [("at 1", _row("a@1", a), _row("b@1", b))], "A", "B",
+                      lambda x, y: "; note")
+    # 20 only-a, 0 only-b: +20 points, s.e. sqrt(20 - 400/100) = 4 points
+    assert c == {"claim": "A beats B", "source": "a paper", "verdict": "reproduced",
+                 "evidence": ["at 1: A 60.00% vs B 40.00% (+20.00 points, 2 s.e. = 8.00); note"]}
 
 
 def test_claim_verdicts():
@@ -134,10 +210,6 @@ def test_claim_verdicts():
             _row("rmeeto@0.54", good, target_ratio=0.54), _row("prune@0.54", bad, target_ratio=0.54),
             _row("rmeeto-shuffled@0.54", good, target_ratio=0.54),
             _row("rmeeto-retrained@0.54", bad, target_ratio=0.54)]
-    for r in rows:
-        r["family"] = r["key"].split("@")[0]
-    assert [_verdict(o) for o in (["a", "a"], ["a", "b"], ["tie", "b"], ["a", "tie"], [])] == [
-        "reproduced", "mixed", "not reproduced", "inconclusive", "not measured"]
     verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in reversed(claims(rows))}   # first of a word wins
     assert verdicts["Merging"] == "reproduced"          # 75% vs 50%
     assert next(c for c in claims(rows) if c["claim"].endswith("same re-training"))["verdict"] == "not measured"
@@ -145,7 +217,8 @@ def test_claim_verdicts():
     assert verdicts["Re-training"] == "not reproduced"  # 50% after vs 75% before
     assert verdicts["Training-free"] == "not measured"  # no STM rows
     text = next(c for c in claims(rows) if c["claim"].startswith("Merging"))["evidence"][0]
-    assert "75.00% vs pruning 50.00%" in text
+    # 100 only-a, 0 only-b of 400: +25 points, s.e. 100 sqrt(100 - 100^2/400) / 400 = 2.165
+    assert text == f"at 0.54: merging 75.00% vs pruning 50.00% (+25.00 points, 2 s.e. = {2 * np.sqrt(75) / 4:.2f})"
     assert "Token reduction hurts Mamba more than a Transformer" not in [c["claim"] for c in claims(rows)]
 
 
@@ -171,8 +244,186 @@ def test_transformer_claims_by_hand():
     assert {c["claim"]: c for c in claims(rows)}["Token order matters for Vim but not for DeiT"]["verdict"] == \
         "reproduced"
     # rows on fewer images pair on the images both saw (the first ones)
-    assert _compare(_row("a@1", vim), _row("b@1", deit[:50]))[:2] == (0.0, 0.0)
+    assert compare(_row("a@1", vim), _row("b@1", deit[:50]))[:2] == (0.0, 0.0)
 
+
+# ------------------------------------------------------------------------------------ throughput
+
+
+class FakeClock:
+    """A clock that only moves when a fake forward says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_timing_protocol_on_a_fake_clock():
+    clock, calls = FakeClock(), []
+    # seconds per forward, round by round (the warm-up forward takes 100 s and must not count);
+    # round 2 is a busy spell that slows every row alike
+    plan = {"base": [2.0, 4.0, 2.0], "half": [1.0, 2.0, 1.25], "slow": [4.0, 8.0, 3.0]}
+
+    def forward(key):
+        def run():
+            calls.append(key)
+            done = sum(1 for c in calls if c == key)
+            clock.now += 100.0 if done == 1 else plan[key][done - 2]
+        return run
+
+    got = time_rows({k: forward(k) for k in plan}, {"base": "base", "half": "base", "slow": None},
+                    {"base": 64, "half": 64, "slow": 32}, TimingPlan(rounds=3, batch=64, warmup=1), clock=clock)
+    # warm-up for every row first, then rounds in which every row (the unreduced one too) runs once
+    assert calls == ["base", "half", "slow"] + ["base", "half", "slow"] * 3
+    assert got["base"]["seconds"] == [2.0, 4.0, 2.0]
+    assert got["half"]["best"] == 64 / 1.0 and got["half"]["median"] == 64 / 1.25
+    assert got["slow"]["best"] == 32 / 3.0 and got["slow"]["median"] == 32 / 4.0
+    # per-round speed-ups 2/1, 4/2, 2/1.25 = 2, 2, 1.6: the median is 2 (the busy round does not skew it)
+    assert got["half"]["speedups"] == pytest.approx([2.0, 2.0, 1.6]) and got["half"]["speedup"] == pytest.approx(2.0)
+    assert got["base"]["speedup"] == 1.0
+    assert got["slow"]["speedup"] is None and got["slow"]["speedups"] == []
+    assert (got["half"]["batch"], got["slow"]["batch"], got["half"]["rounds"]) == (64, 32, 3)
+    with pytest.raises(ValueError, match="not among the timed rows"):
+        time_rows({"a": lambda: None}, {"a": "b"}, {"a": 1}, TimingPlan())
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        TimingPlan(rounds=0)
+    assert "3 interleaved rounds" in protocol_text(TimingPlan(rounds=3), "image")
+
+
+def test_speed_plot_styles_tell_every_row_apart():
+    looks = {f: (s["color"], s["marker"], s["markerfacecolor"]) for f, s in ((f, style(f)) for f in FAMILIES)}
+    assert len(set(looks.values())) == len(FAMILIES)          # no two families look alike
+    assert style("prune")["color"] == style("deit-prune")["color"] == style("prune-retrained")["color"]
+    assert style("deit-prune")["markerfacecolor"] == "white" != style("prune")["markerfacecolor"]
+    assert style("rmeeto-retrained")["marker"] == "s" and style("rmeeto")["marker"] == "o"
+    assert style("deit-rmeeto-retrained")["color"] != style("deit-prune")["color"]
+
+
+# ------------------------------------------------------------------------------------ the runner
+
+
+class ToyStudy(Study):
+    """A third study in a few lines: unreduced, pruning and merging at one ratio on 24 images."""
+    name = "toy"
+    title = "toy study"
+    unit = "image"
+    families = {"baseline": "Unreduced", "prune": "Pruning", "rmeeto": "R-MeeTo"}
+    plan = {"ratio": 0.28, "images": 24}
+    timing = TimingPlan(rounds=2, batch=8)
+
+    def __init__(self, data: str, checkpoint: str):
+        self.data, self.checkpoint = data, checkpoint
+
+    def prepare(self, *, progress: bool) -> Prepared:
+        test = FashionMNIST(self.data, "test", limit=24)
+        base = Base(self.checkpoint, "checkpoint", ["--checkpoint", self.checkpoint])
+        return Prepared(bases={"vim_fmnist": base}, loaders={"test": make_loader(test, 8, 0)}, identity=[self.data])
+
+    def rows(self) -> list[Row]:
+        return [Row("baseline", "baseline", "no reduction", None, "none", "vim_fmnist"),
+                Row("prune@0.28", "prune", "r=4", 0.28, "prune:r=4,interval=1", "vim_fmnist"),
+                Row("rmeeto@0.28", "rmeeto", "r=4", 0.28, "rmeeto:r=4,interval=1", "vim_fmnist")]
+
+    def eval_command(self, row, prepared, checkpoint):
+        return shlex.join(["vimerge", "eval", "--model", "vim_fmnist", "--checkpoint", self.checkpoint, "--dataset",
+                           "fashion-mnist", "--data", self.data, "--limit", "24", "--reduce", row.reduce])
+
+    def claims(self, rows, prepared):
+        by = {r["key"]: r for r in rows}
+        return [compare_claim("Merging beats pruning", "toy", [("at 0.28", by["rmeeto@0.28"], by["prune@0.28"])],
+                              "merging", "pruning")]
+
+    def figures(self, rows, prepared, out):
+        plot_accuracy_vs_ratio(rows, self.families, out / "acc.png", title="toy", xlabel="ratio",
+                               hline_label="unreduced")
+        return [("acc.png", "accuracy against ratio")]
+
+
+def _reference_correct(checkpoint: str, spec: str, data: str) -> np.ndarray:
+    """Per-image correctness by a plain forward of the 24 images (independent of the runner)."""
+    net = vimerge.models.create_backbone("vim_fmnist", checkpoint=checkpoint)
+    vimerge.apply(net, spec)
+    test = FashionMNIST(data, "test", limit=24)
+    with torch.inference_mode():
+        logits = net.eval()(torch.stack([test[i][0] for i in range(24)]))
+    return (logits.argmax(-1) == torch.as_tensor([test[i][1] for i in range(24)])).numpy()
+
+
+def test_a_study_runs_resumes_and_reports_through_the_runner(tmp_path, monkeypatch):
+    data = str(fake_fashion(tmp_path / "fm", n_train=16, n_test=24))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "toy.pth"
+    vimerge.save_checkpoint(vimerge.models.create_backbone("vim_fmnist"), ckpt)
+    study, out = ToyStudy(data, str(ckpt)), tmp_path / "toy"
+    real, calls, stop = runner.evaluate_row, [], {"at": "prune@0.28"}
+
+    def counted(row, *args, **kwargs):
+        calls.append(row.key)
+        if row.key == stop["at"]:       # killed while the second row runs
+            raise KeyboardInterrupt
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_row", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, out, progress=False)
+    saved = json.loads((out / "rows.partial.json").read_text())
+    assert list(saved["rows"]) == ["baseline"] and saved["timing"] is None
+    calls.clear()
+    stop["at"] = None
+    results = run_study(study, out, progress=False)
+    assert calls == ["prune@0.28", "rmeeto@0.28"]               # the finished row is not recomputed
+    assert results["setup"]["rows_reused"] == 1 and results["study"] == "toy"
+    rows = {r["key"]: r for r in results["rows"]}
+    assert list(rows) == ["baseline", "prune@0.28", "rmeeto@0.28"]
+    assert rows["baseline"]["correct_bits"] == saved["rows"]["baseline"]["correct_bits"]
+    masks = {k: _reference_correct(str(ckpt), r["reduce"], data) for k, r in rows.items()}
+    for key, r in rows.items():          # the row's numbers are those of a plain forward
+        assert r["correct"] == masks[key].sum() and r["correct_bits"] == correct_bits(masks[key])
+        assert r["images"] == 24 and r["top1"] == pytest.approx(100 * masks[key].mean())
+    assert rows["rmeeto@0.28"]["token_counts"] == [50, 46, 42, 38, 34, 30, 26, 22]
+
+    # the claim, from the shared statistic, against the formula on the reference masks
+    m, p = masks["rmeeto@0.28"].astype(int), masks["prune@0.28"].astype(int)
+    n01, n10 = int(((m == 1) & (p == 0)).sum()), int(((m == 0) & (p == 1)).sum())
+    d, se = 100 * (n01 - n10) / 24, 100 * np.sqrt(n01 + n10 - (n01 - n10) ** 2 / 24) / 24
+    [c] = results["claims"]
+    assert c["evidence"] == [f"at 0.28: merging {100 * m.mean():.2f}% vs pruning {100 * p.mean():.2f}% "
+                             f"({d:+.2f} points, 2 s.e. = {2 * se:.2f})"]
+    assert c["verdict"] == ("reproduced" if d > 2 * se else "not reproduced" if d < -2 * se else "inconclusive")
+
+    # throughput: 2 interleaved rounds of 8 images for every row, speed-ups within each round
+    base_t = rows["baseline"]["throughput"]
+    assert rows["baseline"]["speedup"] == 1.0 and len(base_t["seconds"]) == 2 and base_t["batch"] == 8
+    for key in ("prune@0.28", "rmeeto@0.28"):
+        t = rows[key]["throughput"]
+        ratios = [b / s for b, s in zip(base_t["seconds"], t["seconds"])]
+        assert t["speedups"] == pytest.approx(ratios) and rows[key]["speedup"] == pytest.approx(np.median(ratios))
+        assert t["best"] == pytest.approx(8 / min(t["seconds"]))
+
+    report = (out / "report.md").read_text()
+    assert report.startswith("# toy study") and "## Throughput" in report and "2 interleaved rounds" in report
+    assert f"**Merging beats pruning** (toy): **{c['verdict']}**" in report and "![accuracy against ratio](acc.png)" \
+        in report
+    assert rows_table(results["rows"]).splitlines()[2].startswith("| `baseline` |")
+    assert results["files"] == ["results.json", "report.md", "acc.png"] and (out / "acc.png").is_file()
+
+    # once more: every row and the throughput come from the store
+    def never(*args, **kwargs):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(runner, "evaluate_row", never)
+    monkeypatch.setattr(runner, "time_rows", never)
+    again = run_study(study, out, progress=False)
+    assert again["setup"]["rows_reused"] == 3
+    assert [r["throughput"] for r in again["rows"]] == [r["throughput"] for r in results["rows"]]
+    # fresh, or another plan (another fingerprint): everything again
+    monkeypatch.setattr(runner, "evaluate_row", counted)
+    monkeypatch.setattr(runner, "time_rows", time_rows)
+    calls.clear()
+    study.plan = {"ratio": 0.28, "images": 24, "other": 1}
+    assert run_study(study, out, progress=False)["setup"]["rows_reused"] == 0
+    assert calls == ["baseline", "prune@0.28", "rmeeto@0.28"]
 
 # ------------------------------------------------------------------------------------ base model
 
@@ -216,30 +467,6 @@ def test_missing_data_and_bad_checkpoint_name_the_fix(tmp_path, capsys):
     assert "t10k-images" in capsys.readouterr().err
 
 
-def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
-    import vimerge.demo.run as demo
-    data = str(fake_fashion(tmp_path / "fm", n_train=128, n_test=64))
-    argv = ["demo", "--quick", "--data", data, "-o", str(tmp_path / "d"), "--limit", "64",
-            "--retrain-images", "64", "--no-progress"]
-    real, calls = demo.run_row, []
-
-    def stop_at_third(*args, **kwargs):
-        calls.append(args[0].key)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(demo, "run_row", stop_at_third)
-    assert cli.main(argv) == 130
-    assert "run the same command to continue" in capsys.readouterr().err
-    saved = json.loads((tmp_path / "d" / "rows.partial.json").read_text())["rows"]
-    assert list(saved) == calls[:2]
-    monkeypatch.setattr(demo, "run_row", real)
-    assert cli.main(argv) == 0
-    results = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert results["setup"]["rows_reused"] == 2
-    assert [r["key"] for r in results["rows"][:2]] == calls[:2]
-    assert [r["correct"] for r in results["rows"][:2]] == [saved[k]["correct"] for k in calls[:2]]
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -254,11 +481,25 @@ def _report_rows(report: str) -> dict[str, list[str]]:
     return cells
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vimerge.demo.image, "TIMING", TimingPlan(rounds=2, batch=16))
     data = DEFAULT_ROOT if HAVE_FMNIST else str(fake_fashion(tmp_path / "fm"))
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data", data, "-o", str(out), "--limit", "200", "--retrain-images", "128",
             "--no-progress"]
+    real, calls = runner.evaluate_row, []
+
+    def stop_at_third(row, *args, **kwargs):
+        calls.append(row.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_row", stop_at_third)     # a killed demo ...
+    assert cli.main(argv) == 130
+    assert "run the same command to continue" in capsys.readouterr().err
+    assert list(json.loads((out / "rows.partial.json").read_text())["rows"]) == calls[:2]
+    monkeypatch.setattr(runner, "evaluate_row", real)               # ... continues where it stopped
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("results.json", "report.md", "accuracy_vs_ratio.png", "accuracy_vs_speed.png",
@@ -269,14 +510,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert pixels.shape[0] > 100 and pixels.std() > 10, name     # a drawing, not a blank page
 
     results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["rows_reused"] == 2
     rows = {r["key"]: r for r in results["rows"]}
     assert list(rows) == [s.key for s in plan_rows(QUICK, 50, 8)]
+    assert list(rows)[:2] == calls[:2]
     assert results["setup"]["test_images"] == 200
     assert results["versions"]["torch"] and results["timings"]["total"] > 0
     for r in rows.values():    # accuracies are computed from the per-image record
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(r["correct_bits"]), np.uint8))[:200]
         assert r["images"] == 200 and bits.sum() == r["correct"]
         assert r["top1"] == pytest.approx(100 * r["correct"] / 200)
+        assert len(r["throughput"]["seconds"]) == 2 and r["throughput"]["batch"] == 16
+    assert rows["baseline"]["speedup"] == rows["deit-baseline"]["speedup"] == 1.0
     assert rows["rmeeto@0.54"]["token_counts"] == [50, 42, 34, 26, 18, 10, 6, 4]
     assert rows["stm-hsp@0.54"]["reduction_ratio"] == pytest.approx(rows["rmeeto@0.54"]["reduction_ratio"])
     assert rows["rmeeto-retrained@0.54"]["retrain"]["images"] == 128
@@ -290,8 +535,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert table[key][3] == f"{r['reduction_ratio']:.3f}"
         assert table[key][4] == f"{r['top1']:.2f}"
         assert table[key][6] == f"{r['gflops_paper']:.4f}"
+        assert table[key][8] == f"{r['throughput']['best']:.0f} ({r['throughput']['median']:.0f})"
+        assert table[key][9] == f"{r['speedup']:.2f}x"
     for c in results["claims"]:
         assert f"**{c['claim']}** ({c['source']}): **{c['verdict']}**" in report
+    assert protocol_text(TimingPlan(rounds=2, batch=16), "image") in report
     assert "[" + results["claims"][0]["verdict"] + "]" in printed
 
     # one training-free row and one re-trained row, re-evaluated with `vimerge eval`

@@ -1,5 +1,6 @@
-"""The video study (`vimerge demo --video`): the clip generator, and the quick study end to end on a
-few clips (one of them corrupt) with every output checked and rows re-evaluated by their commands."""
+"""The video study (`vimerge demo --video`): the clip generator, its claims by hand, and the quick
+study end to end through the shared runner on a few clips (one of them corrupt), with every output
+checked, the throughput protocol's records, and rows re-evaluated by their commands."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from vimerge.data.video import read_frames
 
 av = pytest.importorskip("av")
 
-from test_demo import fake_fashion  # noqa: E402
+import vimerge.demo.video  # noqa: E402
+from test_demo import _row, fake_fashion  # noqa: E402
 from vimerge.demo.clips import ClipGeometry, clip_frames, clip_path, make_clips, trajectory  # noqa: E402
-from vimerge.demo.video import VIDEO_MODEL, VIDEO_QUICK, plan_video_rows  # noqa: E402
+from vimerge.demo.timing import TimingPlan, protocol_text  # noqa: E402
+from vimerge.demo.video import VIDEO_MODEL, VIDEO_QUICK, claims, plan_video_rows  # noqa: E402
 
 HAVE_FMNIST = is_fashion_mnist_dir(DEFAULT_ROOT)
 
@@ -84,6 +87,25 @@ def test_video_rows_share_the_image_rows_ratios():
         assert abs(vimerge.measure.flops.model_cost(stm)["reduction_ratio"] - rv) < 0.01
 
 
+def test_video_claims_by_hand():
+    # 5 garments; clip 2 could not be read, so the video rows hold garments 0, 1, 3, 4.
+    # images: unreduced all right, merged right on garments 0 and 2 only; video: unreduced right on
+    # all 4 clips, merged on 3 (garments 0, 1, 3). Per garment (image drop) - (video drop), on
+    # garments 0, 1, 3, 4: 0-0, 1-0, 1-0, 1-1 = 0, 1, 1, 0: +50 points, s.e. 100 sqrt(2 - 4/4) / 4 = 25.
+    ones4, ones5 = np.ones(4, bool), np.ones(5, bool)
+    rows = [_row("baseline", ones4, model=VIDEO_MODEL),
+            _row("rmeeto@0.54", np.array([1, 1, 1, 0], bool), target_ratio=0.54, model=VIDEO_MODEL),
+            _row("image-baseline", ones5), _row("image-rmeeto@0.54", np.array([1, 0, 1, 0, 0], bool),
+                                                target_ratio=0.54)]
+    found = {c["claim"].split(" (")[0]: c for c in claims(rows, garments=[0, 1, 3, 4])}
+    video = found["Video tolerates merging better than images"]
+    assert video["verdict"] == "inconclusive"                           # 50 = 2 s.e.: not more
+    assert "the images' drop +50.00 points larger on the same garments (2 s.e. = 50.00)" in video["evidence"][0]
+    assert video["caveat"]
+    assert found["Re-training recovers the accuracy merging loses"]["verdict"] == "not measured"
+    assert found["Which merging scope keeps most accuracy: flat"]["verdict"] == "not measured"
+
+
 # ------------------------------------------------------------------------------------ the study
 
 
@@ -95,6 +117,7 @@ def _is_drawing(path: Path) -> bool:
 
 def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VIMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vimerge.demo.video, "TIMING", TimingPlan(rounds=2, batch=8))
     clips = tmp_path / "clips"
     make_clips(clips, "test", 16, data=garments, progress=False)
     corrupt = clip_path(clips, "test", 5)
@@ -125,6 +148,12 @@ def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
     assert rows["rmeeto-time@0.28"]["token_counts"] == rows["rmeeto@0.28"]["token_counts"]
     assert all(r["images"] == 15 for k, r in rows.items() if not k.startswith("image-"))
     assert rows["rmeeto-retrained@0.54"]["retrain"]["steps"] == 1
+    for r in rows.values():     # the throughput protocol: 2 rounds of 8 clips (images), per-round speed-ups
+        t = r["throughput"]
+        assert len(t["seconds"]) == len(t["speedups"]) == 2 and t["batch"] == 8
+        base = rows["image-baseline" if r["model"] == "vim_fmnist" else "baseline"]["throughput"]
+        assert r["speedup"] == pytest.approx(np.median([b / s for b, s in zip(base["seconds"], t["seconds"])]))
+    assert rows["baseline"]["speedup"] == rows["image-baseline"]["speedup"] == 1.0
     assert {c["claim"].split(" (")[0] for c in results["claims"]} >= {
         "Video tolerates merging better than images", "Merging beats pruning at high reduction ratios",
         "Re-training recovers the accuracy merging loses", "Which merging scope keeps most accuracy: flat"}
@@ -137,6 +166,7 @@ def test_quick_video_study_end_to_end(garments, tmp_path, capsys, monkeypatch):
         assert cells[5] == f"{r['top1']:.2f}" and cells[3] == " ".join(map(str, r["token_counts"]))
     for c in results["claims"]:
         assert f"**{c['verdict']}**" in report
+    assert protocol_text(TimingPlan(rounds=2, batch=8), "clip") in report
 
     # a training-free and the re-trained row, re-evaluated by their stored commands: the same numbers
     for key in ("rmeeto@0.54", "rmeeto-retrained@0.54", "image-rmeeto@0.28"):

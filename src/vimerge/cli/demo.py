@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from vimerge.data.fashion_mnist import DEFAULT_ROOT
-from vimerge.demo import (
-    FULL,
-    QUICK,
-    VIDEO_FULL,
-    VIDEO_QUICK,
-    run_demo,
-    run_video_demo,
-    summary,
-    video_summary,
-)
+from vimerge.demo import image_study, run_study, summary, video_study
 
 from .common import CommandError, positive_int, writable_path
 
@@ -60,47 +50,21 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         args.output = "vimerge-demo-video" if args.video else "vimerge-demo"
     writable_path(args.output, "--output", directory=True)
-    if args.video:
-        return _run_video(args)
-    if args.clips is not None:
+    if args.clips is not None and not args.video:
         raise CommandError("--clips is an option of the video study: add --video")
-    plan = QUICK if args.quick else FULL
-    if args.limit is not None:
-        plan = replace(plan, test_images=args.limit)
-    if args.retrain_images is not None:
-        if args.retrain_images < plan.retrain_batch:
-            raise CommandError(f"--retrain-images must be at least one batch ({plan.retrain_batch})")
-        plan = replace(plan, retrain_images=args.retrain_images)
+    options = dict(quick=args.quick, limit=args.limit, retrain_images=args.retrain_images, data=args.data,
+                   checkpoint=args.checkpoint, train_base=args.train_base)
     try:
-        results = run_demo(data=args.data, output=args.output, quick=args.quick, checkpoint=args.checkpoint,
-                           train_base=args.train_base, plan=plan, fresh=args.fresh,
-                           progress=not args.no_progress)
+        study = video_study(clips=args.clips, **options) if args.video else image_study(**options)
+    except ValueError as exc:          # an option out of range (--retrain-images below one batch)
+        raise CommandError(str(exc)) from exc
+    try:
+        results = run_study(study, args.output, fresh=args.fresh, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\nvimerge demo: interrupted; finished rows and re-training checkpoints are kept in "
+        print(f"\nvimerge demo{' --video' if args.video else ''}: interrupted; finished rows"
+              f"{', clips' if args.video else ''} and re-training checkpoints are kept in "
               f"{Path(args.output).expanduser()}: run the same command to continue", file=sys.stderr)
         return 130
-    print(summary(results))
-    print(f"\nwrote {', '.join(results['files'])} to {Path(args.output).expanduser()}")
-    return 0
-
-
-def _run_video(args: argparse.Namespace) -> int:
-    """``vimerge demo --video``: :func:`vimerge.demo.run_video_demo` with the options given."""
-    plan = VIDEO_QUICK if args.quick else VIDEO_FULL
-    if args.limit is not None:
-        plan = replace(plan, test_clips=args.limit)
-    if args.retrain_images is not None:
-        if args.retrain_images < plan.retrain_batch:
-            raise CommandError(f"--retrain-images must be at least one batch ({plan.retrain_batch})")
-        plan = replace(plan, retrain_clips=args.retrain_images)
-    try:
-        results = run_video_demo(data=args.data, output=args.output, quick=args.quick, checkpoint=args.checkpoint,
-                                 train_base=args.train_base, plan=plan, clips=args.clips, fresh=args.fresh,
-                                 progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print("\nvimerge demo --video: interrupted; finished rows, clips and re-training checkpoints are kept: run "
-              "the same command to continue", file=sys.stderr)
-        return 130
-    print(video_summary(results))
+    print(summary(study, results))
     print(f"\nwrote {', '.join(results['files'])} to {Path(args.output).expanduser()}")
     return 0

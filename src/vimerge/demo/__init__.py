@@ -1,31 +1,32 @@
-"""The token-reduction study on Fashion-MNIST, from one call (``vimerge demo`` on the command line).
+"""The token-reduction studies (``vimerge demo``), run by one runner.
 
-The small-scale counterpart of the papers' main tables, on real data and a laptop CPU:
+A study (:class:`~vimerge.demo.study.Study`) states its rows, claims and figures;
+:func:`~vimerge.demo.runner.run_study` runs any of them the same way: base weights, the rows
+(each a reduction spec, some re-trained first), a resumable store of finished rows, the
+throughput protocol (:mod:`.timing`), the paired statistics (:mod:`.stats`), ``results.json``,
+``report.md`` and the figures.
 
-1. the base model: the shipped ``vim_fmnist`` weights (``checkpoint`` to use others; when
-   neither exists, it is trained with ``vimerge train``'s recipe into the cache, resumably);
-2. training-free rows on the test set: the unreduced baseline; pruning, R-MeeTo merging and
-   R-MeeTo with the odd-even shuffle (the token-order ablation, R-MeeTo Table 4) at reduction
-   ratios 0.14 / 0.28 / 0.42 / 0.54; STM as BNNM and BNNM+HSP at the same mean-token ratios and
-   at its own 15 / 20 / 30 / 40 % settings;
-3. R-MeeTo re-trained for a short fixed budget at 0.28 and 0.54;
-4. outputs: ``results.json``, ``report.md`` (tables and a verdict per paper claim),
-   ``accuracy_vs_ratio.png``, ``accuracy_vs_speed.png`` and ``merged_tokens.png``.
+* :mod:`.image`: the Fashion-MNIST study on ``vim_fmnist`` and ``deit_fmnist`` (``vimerge demo``):
+  pruning, R-MeeTo, R-MeeTo shuffled, STM BNNM and BNNM+HSP, re-training (figures:
+  :mod:`.image_figures`);
+* :mod:`.video`: the VideoMamba study on clips of moving garments (``vimerge demo --video``,
+  clips made and read back by :mod:`.clips`, figures: :mod:`.video_figures`).
 
-``vimerge demo --video`` (:mod:`.video`, clips made by :mod:`.clips`) runs the same kind of
-study on VideoMamba clips of moving Fashion-MNIST garments (R-MeeTo Tables 13-14, App. D.5).
-
-Modules: :mod:`.plan` (what is measured: the plan and its rows, each a reduction spec),
-:mod:`.run` (base model, rows, re-training, resumable store, provenance, :func:`run_demo`),
-:mod:`.report` (paired statistic, claims, tables, ``report.md``, plots, merged-token figure).
+Shared parts: :mod:`.study` (the protocol and rows), :mod:`.runner`, :mod:`.base` (base
+weights), :mod:`.stats`, :mod:`.timing`, :mod:`.report` (``report.md``, common tables and plots).
 """
 
-from .plan import FAMILIES, FULL, INTERVAL, MODEL, QUICK, Plan, RowSpec, plan_rows
-from .report import claims, correct_mask, rows_table, write_report
-from .run import Base, cache_dir, eval_command, resolve_base, run_demo, summary
-from .video import VIDEO_FULL, VIDEO_QUICK, VideoPlan, run_video_demo, video_summary
+from .base import Base, cache_dir, find_base, resolve_base
+from .image import FAMILIES, FULL, MODEL, QUICK, TRANSFORMER, ImageStudy, Plan, claims, image_study, plan_rows
+from .report import rows_table, summary, write_report
+from .runner import run_study
+from .stats import compare, compare_claim, correct_bits, correct_mask, drop_comparison, paired, verdict
+from .study import INTERVAL, Prepared, Row, Study
+from .timing import TimingPlan, time_rows
+from .video import VIDEO_FULL, VIDEO_QUICK, VideoPlan, VideoStudy, plan_video_rows, video_study
 
-__all__ = ["run_demo", "plan_rows", "resolve_base", "claims", "summary", "Plan", "FULL", "QUICK",
-           "FAMILIES", "RowSpec", "Base", "MODEL", "INTERVAL", "cache_dir", "eval_command",
-           "correct_mask", "rows_table", "write_report", "run_video_demo", "video_summary", "VideoPlan",
-           "VIDEO_FULL", "VIDEO_QUICK"]
+__all__ = ["Study", "Row", "Prepared", "run_study", "summary", "write_report", "rows_table", "TimingPlan", "time_rows",
+           "Base", "cache_dir", "find_base", "resolve_base", "INTERVAL",
+           "correct_bits", "correct_mask", "paired", "compare", "drop_comparison", "verdict", "compare_claim",
+           "ImageStudy", "image_study", "Plan", "FULL", "QUICK", "FAMILIES", "MODEL", "TRANSFORMER", "plan_rows",
+           "claims", "VideoStudy", "video_study", "VideoPlan", "VIDEO_FULL", "VIDEO_QUICK", "plan_video_rows"]

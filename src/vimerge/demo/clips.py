@@ -24,6 +24,9 @@ Existing files are kept (a manifest, ``DIR/clips.json``, records the geometry an
 different one starts a fresh folder); files are written under a temporary name and renamed, so
 an interrupted generation leaves no half-written clip. Shapes: frames (V, canvas, canvas)
 uint8; a garment (28, 28) uint8.
+
+:func:`read_test_clips` reads a list back once through :class:`vimerge.data.VideoDataset`
+(decoding included; unreadable files reported and left out) into memory (:class:`ClipTensors`).
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vimerge.data.fashion_mnist import load_split
-from vimerge.data.video import require_av
+from vimerge.data.video import VideoDataset, require_av
 
 GARMENT = 28
 SPLIT_IDS = {"train": 1, "test": 2}
@@ -176,5 +182,58 @@ def _check_manifest(root: Path, geometry: ClipGeometry) -> None:
     manifest.write_text(json.dumps(want, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------ reading back
+
+
+class ClipTensors(Dataset):
+    """Decoded clips kept in memory: ``(clip (C, T, H, W), label)`` pairs; ``clips`` (N, C, T, H, W)."""
+
+    def __init__(self, clips: torch.Tensor, labels: torch.Tensor):
+        self.clips, self.targets = clips, labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.clips[index], int(self.targets[index])
+
+
+@dataclass
+class TestClips:
+    """The test clips as read back: the annotation list, the decoded clips, the garment index of
+    each readable clip (its line in the list), the files that could not be read (path -> reason)
+    and the seconds reading took."""
+    listing: str
+    data: ClipTensors
+    garments: list[int]
+    skipped: dict[str, str]
+    seconds: float
+
+
+def read_test_clips(listing: Path, model, *, progress: bool) -> TestClips:
+    """Decode every clip of ``listing`` once through :class:`~vimerge.data.VideoDataset` with the
+    evaluation sampling of ``vimerge eval`` for ``model`` (its ``num_frames``, ``img_size``,
+    ``in_chans``); unreadable files are named on stderr and left out. Raises RuntimeError when
+    no clip can be read."""
+    start = time.perf_counter()
+    reader = VideoDataset(None, annotations=listing, num_frames=model.num_frames, img_size=model.img_size,
+                          channels=model.in_chans)
+    clips, labels, garments, skipped = [], [], [], {}
+    for i in tqdm(range(len(reader)), desc="reading test clips", unit="clip", disable=not progress,
+                  file=sys.stderr, dynamic_ncols=True):
+        item = reader[i]
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+            clips.append(item[0])
+            labels.append(item[1])
+            garments.append(i)
+        else:
+            skipped[item.path] = item.reason
+            print(f"skipped unreadable clip {item.path} ({item.reason})", file=sys.stderr)
+    if not clips:
+        raise RuntimeError(f"no clip of {listing} could be read ({len(skipped)} skipped)")
+    data = ClipTensors(torch.stack(clips), torch.tensor(labels))
+    return TestClips(str(listing), data, garments, skipped, time.perf_counter() - start)
+
+
 __all__ = ["ClipGeometry", "GARMENT", "trajectory", "clip_frames", "encoder", "write_clip", "make_clips",
-           "clip_path", "list_path"]
+           "clip_path", "list_path", "ClipTensors", "TestClips", "read_test_clips"]
