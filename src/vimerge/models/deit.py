@@ -37,9 +37,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import AttentionRecord, Reducer, TokenState, check_convention
-from .checkpoint import CheckpointError, listing, resample_pos_embed
+from .checkpoint import CheckpointError, listing
+from .layers import DropPath, PatchEmbed, checkpoint_grid, resample_pos_embed
 from .registry import get_preset, list_models, model_defaults, register_model
-from .vim import DropPath, PatchEmbed
 
 
 class Attention(nn.Module):
@@ -281,7 +281,7 @@ class VisionTransformer(nn.Module):
         """Recognise a DeiT/ViT checkpoint and fit its position embedding to this model's grid.
 
         A position embedding for another (square) patch grid is resampled bicubically with the
-        class row kept at 0 (:func:`~vimerge.models.checkpoint.resample_pos_embed`), with a
+        class row kept at 0 (:func:`~vimerge.models.layers.resample_pos_embed`), with a
         warning. Distilled DeiTs (``dist_token``, ``head_dist``) are refused with the reason.
 
         Raises:
@@ -305,16 +305,16 @@ class VisionTransformer(nn.Module):
             state = {k: v for k, v in state.items() if k != "dist_token" and not k.startswith("head_dist.")}
         unchanged: dict[str, Any] = {"resized_pos_embed": False}
         old, new = state.get("pos_embed"), self.pos_embed
-        if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1] or old.shape[1] == new.shape[1]:
+        if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1]:
             return state, unchanged
         proj = state.get("patch_embed.proj.weight")
         if proj is not None and tuple(proj.shape[-2:]) != tuple(self.patch_embed.patch_size):
             return state, unchanged   # another patch size: the key check reports it with the hint
         n_old = old.shape[1] - 1
-        side = math.isqrt(n_old)
         gh, gw = self.grid_size
-        grid = (side, side) if side * side == n_old else next(
-            ((h, n_old // h) for h in range(1, n_old + 1) if n_old % h == 0 and h * gw == (n_old // h) * gh), None)
+        grid = checkpoint_grid(n_old, self.grid_size)
+        if grid == (gh, gw):
+            return state, unchanged   # compared as (h, w) grids: 14x14 into 7x28 is resampled
         if grid is None:
             msg = (f"checkpoint {source} has a position embedding for {n_old} patches, not a square grid nor "
                    f"one of the model's aspect ratio ({gh}x{gw}); build the model with the checkpoint's img_size")
@@ -326,7 +326,7 @@ class VisionTransformer(nn.Module):
         warnings.warn(f"checkpoint {source} has a {grid[0]}x{grid[1]} patch grid (img_size {grid[0] * p[0]}x"
                       f"{grid[1] * p[1]}): resampled its position embedding to the model's {gh}x{gw} grid "
                       f"(img_size {self.img_size[0]}x{self.img_size[1]})", stacklevel=3)
-        resized = resample_pos_embed(old, (gh, gw), grid, 0, 0)
+        resized = resample_pos_embed(old, (gh, gw), grid, cls_index_old=0, cls_index_new=0)
         return {**state, "pos_embed": resized}, {"resized_pos_embed": True, "pos_embed_grid": (grid, (gh, gw))}
 
     def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
