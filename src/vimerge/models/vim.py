@@ -9,11 +9,11 @@ stream kept in fp32, a final ``Add -> RMSNorm``, and a linear head on the class 
 Shapes: images (B, C, H, W); tokens (B, N, E) with N = num_patches + 1 and the class token
 at index ``num_patches // 2``; mixer internals (B, d_inner, N) with d_inner = 2 E.
 
-This file is the whole backbone: the modules, the presets (registered below), the checkpoint
-filter (middle class token in the position embedding, architecture recognition, preset
-suggestions), the FLOPs formulas (:meth:`VisionMamba.flops`), the no-weight-decay set and
-what it offers token-reduction methods (the :class:`~vimerge.tokens.TokenModel` protocol:
-token layout and, on request, each block's scan inputs as a :class:`~vimerge.tokens.BlockRecord`).
+The blocks, the token-model protocol and the block FLOPs formula are the shared Mamba trunk
+(:class:`~vimerge.models.mamba.MambaTrunk`, directions averaged: Vim's "div2"); this file has
+what is Vim's own: the middle class token (embedding and read-out), the FLOPs of the embedding
+and head (:meth:`VisionMamba.outer_flops`), the checkpoint filter (middle class token in the
+position embedding, stride recognition) and the presets (registered below).
 """
 
 from __future__ import annotations
