@@ -393,3 +393,28 @@ def test_no_raw_warnings_on_clean_load(source, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_checkpoint(tiny(seed=2), path)
+
+
+# --------------------------------------------------------------------------- grids compared as shapes (issue 25.5)
+
+GRID_CASES = [("vim_tiny", dict(stride=8), 8, 8), ("deit_tiny", {}, 0, 0), ("videomamba_tiny", {}, 0, 0),
+              ("mambar_small", dict(num_registers=3), None, None)]
+
+
+@pytest.mark.parametrize("name,extra,cls_old,cls_new", GRID_CASES)
+def test_a_grid_with_as_many_patches_is_still_resampled(name, extra, cls_old, cls_new, tmp_path):
+    """A 4x4 checkpoint in a 2x8 model: the same 16 patch rows, another grid: resampled, announced."""
+    kw = dict(depth=1, patch_size=8, embed_dim=24, num_classes=3, **extra)
+    square = create_backbone(name, img_size=32, **kw)
+    path = save_checkpoint(square, tmp_path / "square.pth")
+    with pytest.warns(UserWarning, match=r"4x4 patch grid.*resampled.*2x8 grid"):
+        wide = create_backbone(name, img_size=(16, 64), checkpoint=str(path), **kw)
+    assert wide.grid_size == (2, 8) and wide.pos_embed.shape == square.pos_embed.shape
+    want = resample_pos_embed(square.pos_embed.detach(), (2, 8), (4, 4), cls_index_old=cls_old, cls_index_new=cls_new)
+    assert torch.equal(wide.pos_embed.detach(), want) and not torch.equal(want, square.pos_embed.detach())
+    with pytest.warns(UserWarning, match="resampled"):
+        report = load_checkpoint(wide, str(path))
+    assert report["resized_pos_embed"] is True and report["pos_embed_grid"] == ((4, 4), (2, 8))
+    with warnings.catch_warnings():                    # its own grid: loaded as it is, without a word
+        warnings.simplefilter("error")
+        assert load_checkpoint(square, str(path))["resized_pos_embed"] is False
