@@ -3,6 +3,7 @@ registries (every model x every method x every scan backend), including a toy me
 one module (tests/toy_method.py) that works everywhere without an edit elsewhere."""
 
 import ast
+import inspect
 import json
 from pathlib import Path
 
@@ -13,10 +14,17 @@ import toy_method  # noqa: F401  (registers "keepfirst" the way a user's module 
 import vimerge
 from conftest import write_fashion_idx
 from vimerge.cli import main
-from vimerge.models import list_models, model_defaults
+from vimerge.models import get_preset, list_models, model_defaults
 from vimerge.ops import available_backends
 from vimerge.reduce import list_methods, parse_spec, spec_of
-from vimerge.tokens import input_shape, ratio_from_counts, token_frames
+from vimerge.tokens import (
+    SITES,
+    TokenModel,
+    input_shape,
+    protected_positions,
+    ratio_from_counts,
+    token_frames,
+)
 
 PACKAGE = Path(vimerge.__file__).resolve().parent
 
@@ -156,6 +164,21 @@ def test_the_graph_walker_sees_function_level_and_relative_imports(tmp_path):
     assert found == [("vimerge.reduce", True), ("vimerge.models.y", True)]
 
 
+def test_backbones_import_parts_never_another_backbone():
+    """docs/architecture.md, rule B1: a backbone file takes its parts from models/layers.py and the
+    Mamba trunk models/mamba.py (and checkpoint/registry), never from another backbone file."""
+    parts = {"vimerge.models.layers", "vimerge.models.mamba", "vimerge.models.checkpoint", "vimerge.models.registry"}
+    backbones = {get_preset(n).builder.__module__ for n in list_models()}
+    assert {"vimerge.models.vim", "vimerge.models.videomamba", "vimerge.models.deit",
+            "vimerge.models.mambar"} <= backbones
+    found = graph()
+    crossing = [f"{b} -> {t}" for b in backbones for t, _ in found[b]
+                if t.startswith("vimerge.models.") and t not in parts]
+    assert crossing == [], "rule B1 (a backbone imports parts, never another backbone) broken"
+    for part in parts:       # the parts know no backbone
+        assert not [t for t, _ in found[part] if t in backbones], f"rule B1: {part} imports a backbone"
+
+
 # ------------------------------------------------------------------------------- contract tests
 
 METHOD_SPECS = {name: f"{name}:ratio=0.25" for name in list_methods()}
@@ -200,13 +223,70 @@ def test_model_contract(name, tmp_path):
         out = model(x)
         state = model.forward_tokens(x)
     assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
-    assert model.num_tokens == token_frames(model) * model.grid_size[0] * model.grid_size[1] + 1 == state.num_tokens
+    assert model.num_tokens == state.num_tokens          # (rule B8: test_backbone_rules)
     assert mixer_lengths(model, x) == vimerge.token_counts(model) == [model.num_tokens] * model.depth
     assert vimerge.count_flops(model) == model.flops([model.num_tokens] * model.depth)
     path = vimerge.save_checkpoint(model, tmp_path / "w.pth")
     again = vimerge.create_model(name, **small_kwargs(name), checkpoint=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(again(x), out)
+
+
+def broken(rule: str, ok: bool, detail: str = "") -> list[str]:
+    return [] if ok else [f"rule {rule}{': ' + detail if detail else ''}"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_backbone_rules(name):
+    """The rules of docs/architecture.md ("What a backbone must offer"), each failure naming its rule."""
+    model = vimerge.create_model(name, **small_kwargs(name), scan_backend="reference").eval()
+    errors = broken("B2 (accepts scan_backend and reports it)", getattr(model, "scan_backend", None) in
+                    ("reference", None) and "scan_backend" in inspect.signature(type(model)).parameters)
+    errors += broken("B3 (TokenModel attributes)", isinstance(model, TokenModel))
+    errors += broken("B4 (reduction_site is one of tokens.SITES)", model.reduction_site in SITES)
+    site = model.reduction_site
+    hooks = (all(hasattr(b, "mixer") for b in getattr(model, "layers", [])) and len(model.layers) == model.depth
+             if site == "before_mixer" else
+             all(hasattr(b, "mlp") for b in getattr(model, "blocks", [])) and len(model.blocks) == model.depth)
+    errors += broken("B5 (layers[i].mixer before_mixer / blocks[i].mlp after_attention, one per block)", hooks)
+    frames = getattr(model, "num_frames", None)
+    errors += broken("B6 (video: num_frames and token_frames; image: num_frames None or absent)",
+                     frames is None or (isinstance(frames, int) and token_frames(model) >= 1),
+                     f"num_frames={frames!r}")
+    kept = protected_positions(model)
+    errors += broken("B7 (protected: sorted positions within num_tokens, cls_index among them)",
+                     list(kept) == sorted(set(kept)) and model.cls_index in kept and 0 <= kept[0]
+                     and kept[-1] < model.num_tokens, f"{kept}")
+    errors += broken("B8 (num_tokens = patches of every frame + protected tokens)",
+                     model.num_tokens == token_frames(model) * model.grid_size[0] * model.grid_size[1] + len(kept))
+    both = [model.flops([model.num_tokens] * model.depth, c) for c in ("paper", "full")]
+    errors += broken("B9 (flops(counts, convention) in both conventions, full > paper > 0)", 0 < both[0] < both[1])
+    names = {n for n, _ in model.named_parameters()}
+    errors += broken("B10 (no_weight_decay names parameters)", set(model.no_weight_decay()) <= names)
+    errors += broken("B11 (checkpoint_filter and checkpoint_hint)",
+                     callable(getattr(model, "checkpoint_filter", None)) and
+                     callable(getattr(model, "checkpoint_hint", None)))
+    errors += broken("B12 (forward_tokens(x, track_source) gives the TokenState)",
+                     model.forward_tokens(images_for(model), track_source=True).source is not None)
+    assert errors == []
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+@pytest.mark.parametrize("name", list_models())
+def test_no_method_merges_or_drops_a_protected_token(name, method):
+    """Rule M1 (docs/architecture.md): every method keeps the class token and the registers, each
+    alone in a slot of its own, in order; the head reads them where they went."""
+    model = small(name)
+    vimerge.apply(model, METHOD_SPECS[method])
+    x = images_for(model)
+    with torch.no_grad():
+        state = model.forward_tokens(x, track_source=True)
+    start = protected_positions(model)
+    assert len(state.kept) == len(start), "rule M1: a protected token was merged or dropped"
+    assert state.cls_index in state.kept and list(state.kept) == sorted(state.kept)
+    alone = torch.nn.functional.one_hot(torch.tensor(start), model.num_tokens).to(state.source.dtype)
+    assert torch.equal(state.source[:, list(state.kept)], alone.expand(x.shape[0], -1, -1)), \
+        "rule M1: a protected token absorbed another token"
 
 
 @pytest.mark.parametrize("method", list(METHOD_SPECS))

@@ -17,9 +17,9 @@ from vimerge.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_state_dict,
-    resample_pos_embed,
     save_checkpoint,
 )
+from vimerge.models.layers import resample_pos_embed
 
 # 32 px / 8 px patches: a 4 x 4 grid, 17 tokens, class token at index 8.
 TINY = dict(depth=2, img_size=32, patch_size=8, stride=8, num_classes=5, scan_backend="reference")
@@ -140,7 +140,7 @@ def _pos_embed_from_grid(grid: torch.Tensor, cls_row: torch.Tensor) -> torch.Ten
 
 def test_resample_same_grid_is_identity():
     pe = torch.randn(1, 17, 8)
-    assert resample_pos_embed(pe, (4, 4)) is pe
+    assert resample_pos_embed(pe, (4, 4), cls_index_old=8, cls_index_new=8) is pe
     model = tiny()
     report = load_checkpoint(model, model.state_dict())
     assert report["resized_pos_embed"] is False
@@ -155,7 +155,7 @@ def test_resample_matches_independent_bicubic(old, new):
     cls_row = torch.tensor([1000.0, -1000.0, 7.0])
     pe = _pos_embed_from_grid(grid, cls_row)
 
-    out = resample_pos_embed(pe, new)
+    out = resample_pos_embed(pe, new, cls_index_old=old[0] * old[1] // 2, cls_index_new=new[0] * new[1] // 2)
     n_new = new[0] * new[1]
     assert out.shape == (1, n_new + 1, E)
     assert torch.equal(out[0, n_new // 2], cls_row)          # class row moved, not interpolated
@@ -173,7 +173,7 @@ def test_resample_matches_independent_bicubic(old, new):
 def test_resample_constant_stays_constant():
     pe = torch.full((1, 65, 4), 0.25)
     pe[0, 32] = 9.0
-    out = resample_pos_embed(pe, (5, 7))
+    out = resample_pos_embed(pe, (5, 7), cls_index_old=32, cls_index_new=17)
     assert torch.equal(out[0, 17], torch.full((4,), 9.0))
     torch.testing.assert_close(torch.cat((out[0, :17], out[0, 18:])), torch.full((35, 4), 0.25))
 
@@ -393,3 +393,28 @@ def test_no_raw_warnings_on_clean_load(source, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_checkpoint(tiny(seed=2), path)
+
+
+# --------------------------------------------------------------------------- grids compared as shapes (issue 25.5)
+
+GRID_CASES = [("vim_tiny", dict(stride=8), 8, 8), ("deit_tiny", {}, 0, 0), ("videomamba_tiny", {}, 0, 0),
+              ("mambar_small", dict(num_registers=3), None, None)]
+
+
+@pytest.mark.parametrize("name,extra,cls_old,cls_new", GRID_CASES)
+def test_a_grid_with_as_many_patches_is_still_resampled(name, extra, cls_old, cls_new, tmp_path):
+    """A 4x4 checkpoint in a 2x8 model: the same 16 patch rows, another grid: resampled, announced."""
+    kw = dict(depth=1, patch_size=8, embed_dim=24, num_classes=3, **extra)
+    square = create_backbone(name, img_size=32, **kw)
+    path = save_checkpoint(square, tmp_path / "square.pth")
+    with pytest.warns(UserWarning, match=r"4x4 patch grid.*resampled.*2x8 grid"):
+        wide = create_backbone(name, img_size=(16, 64), checkpoint=str(path), **kw)
+    assert wide.grid_size == (2, 8) and wide.pos_embed.shape == square.pos_embed.shape
+    want = resample_pos_embed(square.pos_embed.detach(), (2, 8), (4, 4), cls_index_old=cls_old, cls_index_new=cls_new)
+    assert torch.equal(wide.pos_embed.detach(), want) and not torch.equal(want, square.pos_embed.detach())
+    with pytest.warns(UserWarning, match="resampled"):
+        report = load_checkpoint(wide, str(path))
+    assert report["resized_pos_embed"] is True and report["pos_embed_grid"] == ((4, 4), (2, 8))
+    with warnings.catch_warnings():                    # its own grid: loaded as it is, without a word
+        warnings.simplefilter("error")
+        assert load_checkpoint(square, str(path))["resized_pos_embed"] is False

@@ -75,6 +75,11 @@ class TokenState:
             (R-MeeTo's ``scope``). :func:`merge_state` carries it: a merged token keeps the
             coordinates of its first (lowest-index) member, which under such a scoped merge
             share the scoped coordinate with all other members.
+        protected: the sorted positions of every token no reducer may merge, absorb into or
+            drop: the class token and any other read-out tokens (Mamba-Reg's registers), the
+            same for every image; None means ``(cls_index,)`` (one class token). Reducers plan
+            on the other tokens only and put the protected ones back in order
+            (:func:`protected_slots`); :func:`merge_state` carries the plan's new positions.
     """
     hidden: Tensor
     residual: Tensor | None
@@ -83,29 +88,63 @@ class TokenState:
     source: Tensor | None = None
     layer: int = 0
     coords: Tensor | None = None
+    protected: tuple[int, ...] | None = None
 
     @classmethod
     def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False,
-              coords: Tensor | None = None) -> TokenState:
-        """The state entering block 0; ``coords`` (N, 2) or (B, N, 2), see the class docstring."""
+              coords: Tensor | None = None, protected: Sequence[int] | None = None) -> TokenState:
+        """The state entering block 0; ``coords`` (N, 2) or (B, N, 2) and ``protected`` (sorted
+        positions, ``cls_index`` among them), see the class docstring.
+
+        Raises:
+            ValueError: ``protected`` unsorted, out of range or without ``cls_index``.
+        """
         b, n, _ = tokens.shape
         source = None
         if track_source:
             source = torch.eye(n, device=tokens.device, dtype=tokens.dtype).expand(b, n, n)
         if coords is not None:
             coords = coords.to(tokens.device, torch.long).expand(b, n, 2)
-        return cls(tokens, None, tokens.new_ones(b, n, 1), cls_index, source, coords=coords)
+        if protected is not None:
+            protected = tuple(int(p) for p in protected)
+            if list(protected) != sorted(set(protected)) or not 0 <= protected[0] <= protected[-1] < n \
+                    or cls_index not in protected:
+                raise ValueError(f"protected positions must be sorted, distinct, within the {n} tokens and hold "
+                                 f"the class token's {cls_index}; got {protected}")
+        return cls(tokens, None, tokens.new_ones(b, n, 1), cls_index, source, coords=coords, protected=protected)
 
     @property
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
 
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The protected positions (``(cls_index,)`` when ``protected`` is None)."""
+        return (self.cls_index,) if self.protected is None else self.protected
+
     def replace(self, **changes) -> TokenState:
         """A copy with some fields changed (the tensors are shared, not copied)."""
         fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
-                      cls_index=self.cls_index, source=self.source, layer=self.layer, coords=self.coords)
+                      cls_index=self.cls_index, source=self.source, layer=self.layer, coords=self.coords,
+                      protected=self.protected)
         fields.update(changes)
         return TokenState(**fields)
+
+
+def protected_slots(positions: Sequence[int], num_in: int, num_out: int) -> tuple[int, ...]:
+    """Where the protected tokens go when ``num_in`` tokens become ``num_out``.
+
+    Each keeps its proportional place, ``p * num_out // num_in`` (R-MeeTo's rule for Vim's
+    middle class token, official ``RMeeTo_vim.py``), moved just enough that the protected
+    tokens stay distinct and in order and each keeps as many slots after it as protected
+    tokens follow it; one class token goes exactly to ``p * num_out // num_in``.
+    """
+    k, out, low = len(positions), [], 0
+    for j, p in enumerate(positions):
+        slot = min(max(p * num_out // num_in, low), num_out - (k - j))
+        out.append(slot)
+        low = slot + 1
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------- merge plans
@@ -121,6 +160,9 @@ class MergePlan:
         slot: (B, N) output position of every input token; -1 for dropped (pruned) tokens.
         num_out: N - r.
         cls_index: the class token's output position.
+
+    The other protected tokens (:attr:`TokenState.protected`) go where ``slot`` sends them;
+    :func:`merge_state` checks that each keeps a slot of its own.
     """
     slot: Tensor
     num_out: int
@@ -195,6 +237,7 @@ def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum", weight: T
     size * weight); sizes keep counting original tokens. The hidden and residual streams go
     through one scatter, in fp32 (each is returned in its own dtype); sources are or-ed.
     """
+    protected = None if state.protected is None else _protected_after(state, plan)
     size = merge_tokens(state.size, plan, mode)
     w = state.size if weight is None else state.size * weight
     norm = size if weight is None else merge_tokens(w, plan, mode)
@@ -206,7 +249,27 @@ def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum", weight: T
         1, first_members(plan).unsqueeze(-1).expand(-1, -1, state.coords.shape[-1]))
     return state.replace(hidden=hidden.to(state.hidden.dtype),
                          residual=None if residual is None else residual.to(state.residual.dtype),
-                         size=size, cls_index=plan.cls_index, source=source, coords=coords)
+                         size=size, cls_index=plan.cls_index, source=source, coords=coords,
+                         protected=protected)
+
+
+def _protected_after(state: TokenState, plan: MergePlan) -> tuple[int, ...]:
+    """The protected tokens' output positions under ``plan``.
+
+    Raises:
+        RuntimeError: the plan drops a protected token, merges anything into one, or sends
+            it to different places in different images (a reduction method that does not
+            honour :attr:`TokenState.protected`).
+    """
+    kept = list(state.protected)
+    slots = plan.slot[:, kept]                                             # (B, P)
+    shared = (plan.slot.unsqueeze(-1) == slots.unsqueeze(1)).sum(1)        # tokens in each protected slot
+    if (slots < 0).any() or (shared != 1).any() or (slots != slots[:1]).any() \
+            or int(slots[0, kept.index(state.cls_index)]) != plan.cls_index:
+        raise RuntimeError(f"a reduction plan at block {state.layer} drops or merges a protected token (class "
+                           f"token or register at positions {tuple(kept)}); reduction methods must keep "
+                           f"TokenState.protected tokens, each in a slot of its own (see tokens.protected_slots)")
+    return tuple(int(v) for v in slots[0].tolist())
 
 
 def first_members(plan: MergePlan) -> Tensor:
@@ -286,7 +349,11 @@ class TokenModel(Protocol):
         num_tokens: tokens after the embedding (patches + class token).
         depth: number of blocks; a reducer is called once in each, at ``reduction_site``.
         reduction_site: one of :data:`SITES`: where block ``i`` calls the reducer.
-        cls_index: the class token's position after the embedding.
+        cls_index: the class token's position after the embedding (a model with several
+            read-out tokens names the one STM sweeps toward: Mamba-Reg's middle register).
+        protected (optional): the sorted positions of every token a reducer must keep in a
+            slot of its own, ``cls_index`` among them (Mamba-Reg: its registers); read it
+            with :func:`protected_positions` (default ``(cls_index,)``).
         embed_dim: token width E.
         reduction: the installed :class:`Reducer`, or None.
         in_chans, img_size: the input (B, in_chans, *img_size); grid_size: the patch grid
@@ -327,6 +394,13 @@ def input_shape(model: TokenModel, batch: int = 1) -> tuple[int, ...]:
     return (batch, model.in_chans, *(() if frames is None else (frames,)), *model.img_size)
 
 
+def protected_positions(model: TokenModel) -> tuple[int, ...]:
+    """The positions after the embedding of the tokens no reduction may merge or drop:
+    ``model.protected`` (Mamba-Reg: its registers) or, for a backbone without that attribute,
+    ``(model.cls_index,)``."""
+    return tuple(getattr(model, "protected", None) or (model.cls_index,))
+
+
 def token_frames(model: TokenModel) -> int:
     """Frames of patch tokens: ``model.token_frames`` for a video model, else 1."""
     return int(getattr(model, "token_frames", None) or 1)
@@ -353,7 +427,11 @@ class Reducer(Protocol):
                      site: str = "before_mixer") -> list[int]:
         """Tokens left after each block's reduction, for ``num_tokens`` tokens after the
         embedding: the tokens block ``i``'s mixer sees (``site="before_mixer"``), or its MLP
-        sees (``"after_attention"``; its attention sees entry ``i - 1``)."""
+        sees (``"after_attention"``; its attention sees entry ``i - 1``).
+
+        On a model with more protected tokens than the class token (Mamba-Reg's registers),
+        ``vimerge.token_counts`` also passes ``protected=`` (their positions, sorted, the class
+        token's among them); a method that supports such models accepts that keyword."""
 
     def flops(self, token_counts: Sequence[int], num_tokens: int, width: int,
               convention: str = "paper") -> float:

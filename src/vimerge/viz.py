@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .tokens import token_frames
+from .tokens import protected_positions, token_frames
 
 
 def token_groups(model, images: Tensor) -> Tensor:
@@ -23,7 +23,8 @@ def token_groups(model, images: Tensor) -> Tensor:
     for a video model, (B, C, T, H, W) clips -> (B, token_frames, grid_h, grid_w), the ids shared
     by all frames of a clip (a token merged across frames has one id, drawn in one colour).
 
-    Final tokens are numbered in their output order; the class token is left out. A patch
+    Final tokens are numbered in their output order; the class token (and Mamba-Reg's
+    registers: ``protected_positions``) is left out. A patch
     that no final token holds (pruned) gets -1.
     """
     with torch.no_grad():
@@ -31,7 +32,8 @@ def token_groups(model, images: Tensor) -> Tensor:
     source = state.source                                     # (B, N_final, N0)
     owner = source.argmax(dim=1)                              # (B, N0): final token of each
     owner = owner.masked_fill(source.sum(dim=1) == 0, -1)     # pruned patches
-    keep = [t for t in range(source.shape[-1]) if t != model.cls_index]
+    protected = set(protected_positions(model))                # class token, registers
+    keep = [t for t in range(source.shape[-1]) if t not in protected]
     gh, gw = model.grid_size
     if getattr(model, "num_frames", None) is not None:
         return owner[:, keep].reshape(-1, token_frames(model), gh, gw)

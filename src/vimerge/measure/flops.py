@@ -1,8 +1,9 @@
 """FLOPs of a (token-reduced) model, from its per-block token counts.
 
 ``count_flops(model, convention)`` = the backbone's cost at the token counts its reduction
-leaves (``model.flops``, formulas in the backbone's file, e.g. :meth:`VisionMamba.flops
-<vimerge.models.vim.VisionMamba.flops>`) + what the reduction method itself computes
+leaves (``model.flops``: for the Mamba backbones the block formula of :meth:`MambaTrunk.flops
+<vimerge.models.mamba.MambaTrunk.flops>` plus each backbone's ``outer_flops``; DeiT's in its
+file) + what the reduction method itself computes
 (``reducer.flops``: R-MeeTo's matching, STM's weighted averages).
 
 Conventions: ``"paper"``, R-MeeTo's (a multiply-add is one FLOP, one scan direction), which

@@ -1,4 +1,5 @@
-"""Backbones, one file each (``vim.py``), registered by name; generic checkpoint reading.
+"""Backbones, one file each (``vim.py``, ``videomamba.py``, ``mambar.py``, ``deit.py``) on shared
+parts (``layers.py``, the Mamba trunk ``mamba.py``), registered by name; generic checkpoint reading.
 
 >>> from vimerge.models import create_backbone, list_models
 >>> model = create_backbone("vim_small", checkpoint="vim_s_midclstok_80p5acc.pth")
@@ -6,7 +7,7 @@
 
 import warnings
 
-from . import deit, videomamba, vim  # noqa: F401  (each registers its presets)
+from . import deit, mambar, videomamba, vim  # noqa: F401  (each registers its presets)
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
 from .deit import VisionTransformer
 from .registry import create_backbone, get_preset, list_models, model_defaults, pretrained_uri, register_model

@@ -32,7 +32,7 @@ a backbone comes from the model itself (timm's ``checkpoint_filter_fn``, as meth
 
 * ``model.checkpoint_filter(state, source, strict) -> (state, info)``: recognise the
   architecture (raise :class:`CheckpointError` for another one) and adapt it, e.g. resample
-  the position embedding to the model's patch grid (:func:`resample_pos_embed`); ``info`` is
+  the position embedding to the model's patch grid (:func:`vimerge.models.layers.resample_pos_embed`); ``info`` is
   merged into the returned report (e.g. ``{"resized_pos_embed": True}``). A filter adapts
   only what the user asked for and announces every adaptation (a warning); a checkpoint made
   for another geometry is refused with the fix;
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -61,11 +60,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CheckpointError", "read_state_dict", "read_checkpoint", "load_checkpoint", "save_checkpoint",
-           "resample_pos_embed", "listing"]
+           "listing"]
 
 # Where training checkpoints keep weights, in order of preference (online, then averaged).
 _ONLINE_KEYS = ("model", "state_dict", "module", "net", "network")
@@ -431,55 +429,6 @@ def _select_weights(obj: Any, name: str, ema: bool | None,
 
 # ---------------------------------------------------------------------------------------------
 # position embedding
-
-
-def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int],
-                       old_grid: tuple[int, int] | None = None, cls_index_old: int | None = None,
-                       cls_index_new: int | None = None) -> Tensor:
-    """Resample a position embedding with one class token to another patch grid.
-
-    The class token's row is taken out, the patch rows are reshaped to their grid, resized
-    bicubically (``align_corners=False``, in fp32) and flattened again, and the class row is
-    put back at its new index. The class row itself is never interpolated.
-
-    Args:
-        pos_embed: (1, old_h * old_w + 1, E).
-        new_grid: (new_h, new_w), e.g. ``model.patch_embed.grid_size``.
-        old_grid: (old_h, old_w); default: the square grid of the patch count.
-        cls_index_old: row of the class token in ``pos_embed``; default ``old_h * old_w // 2``
-            (Vim's middle class token).
-        cls_index_new: row of the class token in the result; default ``new_h * new_w // 2``.
-
-    Returns:
-        (1, new_h * new_w + 1, E), dtype of ``pos_embed``. ``pos_embed`` itself when nothing
-        changes.
-    """
-    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must have shape (1, N + 1, E), got {tuple(pos_embed.shape)}")
-    n_old = pos_embed.shape[1] - 1
-    if old_grid is None:
-        side = math.isqrt(n_old)
-        if side * side != n_old:
-            raise ValueError(f"cannot infer the patch grid of a position embedding with {n_old} "
-                             f"patches (not a square); pass old_grid=(h, w)")
-        old_grid = (side, side)
-    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if old_grid[0] * old_grid[1] != n_old:
-        raise ValueError(f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} patches, the "
-                         f"position embedding {n_old}")
-    n_new = new_grid[0] * new_grid[1]
-    cls_old = n_old // 2 if cls_index_old is None else cls_index_old
-    cls_new = n_new // 2 if cls_index_new is None else cls_index_new
-    if old_grid == new_grid and cls_old == cls_new:
-        return pos_embed
-
-    cls_row = pos_embed[:, cls_old:cls_old + 1]                                  # (1, 1, E)
-    patches = torch.cat((pos_embed[:, :cls_old], pos_embed[:, cls_old + 1:]), dim=1)
-    grid = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()     # (1, E, h, w)
-    if old_grid != new_grid:
-        grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    patches = grid.permute(0, 2, 3, 1).reshape(1, n_new, -1).to(pos_embed.dtype)
-    return torch.cat((patches[:, :cls_new], cls_row, patches[:, cls_new:]), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

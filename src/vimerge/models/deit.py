@@ -52,9 +52,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import AttentionRecord, Reducer, TokenState, check_convention
-from .checkpoint import CheckpointError, listing, resample_pos_embed
+from .checkpoint import CheckpointError, listing
+from .layers import DropPath, PatchEmbed, resample_pos_embed
 from .registry import get_preset, list_models, model_defaults, register_model
-from .vim import DropPath, PatchEmbed
 
 
 class Attention(nn.Module):
@@ -345,7 +345,7 @@ class VisionTransformer(nn.Module):
         * The checkpoint's patch grid (h, w) is read from its position-embedding rows (a class
           row or not, see :func:`checkpoint_pos_layout`) and compared with the model's grid as a
           shape: another grid, even one with as many patches (14x14 for a 7x28 model), is
-          resampled bicubically (:func:`~vimerge.models.checkpoint.resample_pos_embed`; the
+          resampled bicubically (:func:`~vimerge.models.layers.resample_pos_embed`; the
           class row, where there is one, kept at 0 and not interpolated), with a warning, and
           the report gets ``"pos_embed_grid": (checkpoint grid, model grid)``.
 
@@ -415,10 +415,8 @@ class VisionTransformer(nn.Module):
         warnings.warn(f"checkpoint {source} has a {grid[0]}x{grid[1]} patch grid (img_size {grid[0] * p[0]}x"
                       f"{grid[1] * p[1]}): resampled its position embedding to the model's {gh}x{gw} grid{same} "
                       f"(img_size {self.img_size[0]}x{self.img_size[1]})", stacklevel=3)
-        if class_row:
-            resized = resample_pos_embed(old, (gh, gw), grid, 0, 0)
-        else:   # patches only: a stand-in class row at 0, dropped again (it is never interpolated)
-            resized = resample_pos_embed(torch.cat((old[:, :1], old), dim=1), (gh, gw), grid, 0, 0)[:, 1:]
+        resized = resample_pos_embed(old, (gh, gw), grid, cls_index_old=0 if class_row else None,
+                                     cls_index_new=0 if class_row else None)
         return {**state, "pos_embed": resized}, {"resized_pos_embed": True, "pos_embed_grid": (grid, (gh, gw))}
 
     def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:

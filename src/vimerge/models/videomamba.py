@@ -13,7 +13,7 @@ the official ``videomamba/image_sm`` and ``video_sm`` models):
   every frame; for clips also ``temporal_pos_embedding`` (1, T / tubelet, E), added to the patch
   tokens of each frame only (not to the class token);
 * ``depth`` blocks ``Add -> RMSNorm (eps 1e-5) -> bidirectional Mamba mixer``, the residual in
-  fp32, with Vim's "v2" mixer parameters (:class:`~vimerge.models.vim.BiMambaMixer`) but the two
+  fp32, with Vim's "v2" mixer parameters (:class:`~vimerge.models.mamba.BiMambaMixer`) but the two
   directions SUMMED, ``out_proj(y_fwd + flip(y_bwd))`` (Vim's checkpoints divide by 2);
 * a final ``RMSNorm(residual + last mixer output)`` and a linear head on token 0.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,10 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tokens import BlockRecord, Reducer, TokenState, check_convention
-from .checkpoint import CheckpointError, listing, resample_pos_embed
-from .registry import get_preset, list_models, model_defaults, register_model
-from .vim import BiMambaMixer, Block, DropPath, PatchEmbed, RMSNorm, _fmt_size, _pair, mamba_architecture
+from ..tokens import check_convention
+from .checkpoint import CheckpointError, listing
+from .layers import PatchEmbed, checkpoint_grid, fmt_size, pair, resample_pos_embed
+from .mamba import MambaTrunk
+from .registry import register_model
 
 
 class PatchEmbed3D(nn.Module):
@@ -60,16 +60,16 @@ class PatchEmbed3D(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, num_frames: int = 8,
                  tubelet_size: int = 1, in_chans: int = 3, embed_dim: int = 192):
         super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = pair(img_size)
+        self.patch_size = pair(patch_size)
         if any(s < p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
         if tubelet_size < 1 or num_frames < tubelet_size or num_frames % tubelet_size:
             raise ValueError(f"num_frames={num_frames} must be a positive multiple of tubelet_size={tubelet_size}")
         border = [s % p for s, p in zip(self.img_size, self.patch_size)]
         if any(border):
-            warnings.warn(f"img_size {_fmt_size(self.img_size)} is not a multiple of patch_size "
-                          f"{_fmt_size(self.patch_size)}: the last {border[0]} pixel rows / {border[1]} columns "
+            warnings.warn(f"img_size {fmt_size(self.img_size)} is not a multiple of patch_size "
+                          f"{fmt_size(self.patch_size)}: the last {border[0]} pixel rows / {border[1]} columns "
                           f"are never seen", stacklevel=3)
         self.num_frames, self.tubelet_size = num_frames, tubelet_size
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
@@ -103,7 +103,7 @@ class PatchEmbed3D(nn.Module):
         return msg
 
 
-class VideoMamba(nn.Module):
+class VideoMamba(MambaTrunk):
     """VideoMamba with the class token at position 0. See the module docstring.
 
     Args:
@@ -119,8 +119,9 @@ class VideoMamba(nn.Module):
         scan_backend: selective-scan backend of every mixer (see :mod:`vimerge.ops`).
     """
 
-    reduction_site = "before_mixer"
     cls_index = 0
+    no_decay_names = ("pos_embed", "cls_token", "temporal_pos_embedding")
+    hint_preset = "videomamba_tiny"
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, depth: int = 24,
                  embed_dim: int = 192, d_state: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -143,16 +144,9 @@ class VideoMamba(nn.Module):
         if num_frames is not None:
             self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, self.token_frames, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
-        self.layers = nn.ModuleList(
-            Block(embed_dim, BiMambaMixer(embed_dim, d_state, scan_backend=scan_backend, average=False),
-                  drop_path=dpr[i], eps=norm_eps)
-            for i in range(depth))
-        self.drop_path = DropPath(drop_path_rate)
-        self.norm_f = RMSNorm(embed_dim, norm_eps)
+        self.build_trunk(embed_dim, depth, d_state, drop_path_rate, norm_eps, scan_backend, average=False)
         self.head_drop = nn.Dropout(fc_drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.reduction: Reducer | None = None   # installed by vimerge.apply, see vimerge.reduce
         # (frame, cell) of every token, the class token (-1, -1): TokenState.coords
         frames = torch.arange(self.token_frames).repeat_interleave(self.num_patches)
         cells = torch.arange(self.num_patches).repeat(self.token_frames)
@@ -171,24 +165,13 @@ class VideoMamba(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-        for block in self.layers:
-            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
-            with torch.no_grad():
-                block.mixer.out_proj.weight /= math.sqrt(depth)
+        self.rescale_out_proj(depth)
 
     # ------------------------------------------------------------------ token layout (TokenModel)
     @property
     def num_tokens(self) -> int:
         """Tokens after the embedding: the class token + every frame's patches."""
         return 1 + self.token_frames * self.num_patches
-
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    @property
-    def in_chans(self) -> int:
-        return self.patch_embed.proj.in_channels
 
     @property
     def img_size(self) -> tuple[int, int]:
@@ -200,33 +183,6 @@ class VideoMamba(nn.Module):
         """Patch grid (rows, columns) of one frame; the patch tokens are ``token_frames`` such
         grids, frame after frame, each in row-major order."""
         return self.patch_embed.grid_size
-
-    def record_blocks(self, layers: Collection[int]) -> None:
-        """Record the scan inputs of exactly these blocks in the next forwards (others: none)."""
-        wanted = set(layers)
-        for i, block in enumerate(self.layers):
-            block.mixer.record = i in wanted
-            block.mixer.last_record = None
-
-    def block_record(self, layer: int) -> BlockRecord | None:
-        """Block ``layer``'s :class:`~vimerge.tokens.BlockRecord` from the last forward, or None."""
-        return self.layers[layer].mixer.last_record
-
-    @property
-    def scan_backend(self) -> str:
-        return self.layers[0].mixer.scan_backend if len(self.layers) else "auto"
-
-    @scan_backend.setter
-    def scan_backend(self, name: str) -> None:
-        for block in self.layers:
-            block.mixer.scan_backend = name
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names trained without weight decay (the official set, plus 1-D parameters
-        and the state matrices as in Vim)."""
-        skip = {"pos_embed", "cls_token", "temporal_pos_embedding"} & {n for n, _ in self.named_parameters()}
-        return skip | {n for n, p in self.named_parameters()
-                       if p.ndim <= 1 or n.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b")}
 
     # ------------------------------------------------------------------ forward
     def embed(self, x: Tensor) -> Tensor:
@@ -240,77 +196,36 @@ class VideoMamba(nn.Module):
             patches = (patches + self.temporal_pos_embedding[:, :, None]).flatten(1, 2)
         return self.pos_drop(torch.cat((cls, patches), dim=1))
 
-    def forward_tokens(self, x: Tensor, track_source: bool = False) -> TokenState:
-        """Inputs -> the token state after the last block (before the final Add -> norm).
-
-        The active reduction (``self.reduction``) runs before the mixer of each block.
-        """
-        reducer = self.reduction
-        track_source = track_source or bool(getattr(reducer, "track_source", False))
-        state = TokenState.start(self.embed(x), self.cls_index, track_source, coords=self.token_coords)
-        if reducer is not None:
-            reducer.prepare(self, state.num_tokens)
-        for i, block in enumerate(self.layers):
-            state.layer = i
-            if reducer is not None:
-                state = reducer.reduce(state, self)
-            state.hidden, state.residual = block(state.hidden, state.residual)
-        return state
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Inputs -> class-token features (B, E) after the final norm."""
         state = self.forward_tokens(x)
-        hidden, residual = state.hidden, state.residual
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
-        return self.norm_f(residual[:, state.cls_index])
+        return self.norm_f(self.final_residual(state)[:, state.cls_index])
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) or clips (B, C, T, H, W) -> logits (B, num_classes)."""
         return self.head(self.head_drop(self.forward_features(x)))
 
     # ------------------------------------------------------------------ cost
-    def flops(self, token_counts: Sequence[int], convention: str = "paper") -> float:
-        """FLOPs per image or clip when block ``i``'s mixer sees ``token_counts[i]`` tokens (the
-        reduction method's own cost is not included; see ``vimerge.count_flops``).
+    def outer_flops(self, convention: str) -> int:
+        """FLOPs outside the blocks (the blocks: :meth:`MambaTrunk.flops
+        <vimerge.models.mamba.MambaTrunk.flops>`, with the two directions summed).
 
-        ``"paper"``: R-MeeTo's ``video_task/utils/calc_flops.py`` convention (a multiply-add is
-        one FLOP, one scan direction), which reproduces its Table 13 (8 frames, 224 px, 400
-        classes: tiny / small / middle 11.54 / 40.43 / 115.33 GFLOPs; with R-MeeTo r = 88:
-        9.49 / 30.99 / 71.71): the patch embedding ``P C k`` (P patch tokens of all frames, k =
-        in_chans x kernel volume; the class token not counted), the head ``C classes``, and per
-        block with N tokens the Vim formula (:meth:`VisionMamba.flops
-        <vimerge.models.vim.VisionMamba.flops>`)::
-
-            in_proj N C 4C, out_proj N 2C C, conv1d (N + 3) 2C 4, x_proj N 2C (R + 2n),
-            dt_proj N R 2C, scan 9 N 2C n + N 2C (D term) + N 2C (z gate)
-
-        ``"full"``: every arithmetic operation, as Vim's full count (both directions, RMSNorm,
-        residual adds) except that the directions are summed (N 2C, not Vim's average 2 N 2C);
-        plus the patch embedding 2 P C k + bias P C, the spatial position embedding on every
-        token N0 C, the temporal one on the patches P C (video), final norm 4C, head 2 C classes.
+        ``"paper"``: R-MeeTo's ``video_task/utils/calc_flops.py`` convention, which with the
+        blocks reproduces its Table 13 (8 frames, 224 px, 400 classes: tiny / small / middle
+        11.54 / 40.43 / 115.33 GFLOPs; with R-MeeTo r = 88: 9.49 / 30.99 / 71.71): the patch
+        embedding ``P C k`` (P patch tokens of all frames, k = in_chans x kernel volume; the
+        class token not counted) and the head ``C classes``. ``"full"``: twice those, plus the
+        patch-embedding bias P C, the spatial position embedding on every token N0 C, the
+        temporal one on the patches P C (video), final norm 4C.
         """
         mult = check_convention(convention)
-        mixer = self.layers[0].mixer if len(self.layers) else None
-        C = self.embed_dim
-        n, R, k = (mixer.d_state, mixer.dt_rank, mixer.d_conv) if mixer else (16, math.ceil(C / 16), 4)
-        di = 2 * C
-        conv = self.patch_embed.proj
+        C, conv = self.embed_dim, self.patch_embed.proj
         patches = self.token_frames * self.num_patches
         n0 = self.num_tokens
         total = mult * (patches * C * conv.in_channels * math.prod(conv.kernel_size) + C * self.num_classes)
         if convention == "full":
             total += patches * C + n0 * C + 4 * C + (patches * C if self.num_frames is not None else 0)
-        for N in token_counts:
-            if convention == "paper":
-                total += (N * C * 4 * C + N * di * C + (N + k - 1) * di * k + N * di * (R + 2 * n)
-                          + N * R * di + 9 * N * di * n + 2 * N * di)
-                continue
-            per_direction = (2 * N * di * k + N * di + 4 * N * di + 2 * N * di * (R + 2 * n) + 2 * N * R * di
-                             + 3 * N * di + N * di + 2 * N * di * n + 3 * N * di * n + 2 * N * di * n
-                             + 2 * N * di + 5 * N * di)
-            total += (2 * N * C * 4 * C + 2 * N * di * C + 2 * per_direction + N * di   # the sum
-                      + 4 * N * C + N * C)                                               # norm, residual
-        return float(total)
+        return total
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_filter(self, state: dict[str, Tensor], source: str, strict: bool
@@ -408,13 +323,13 @@ class VideoMamba(nn.Module):
 
     def _fit_spatial(self, state: dict[str, Tensor], source: str, strict: bool, info: dict[str, Any]) -> None:
         old, new = state.get("pos_embed"), self.pos_embed
-        if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1] or old.shape[1] == new.shape[1]:
+        if old is None or old.dim() != 3 or old.shape[-1] != new.shape[-1]:
             return
         n_old = old.shape[1] - 1
-        side = math.isqrt(n_old)
         gh, gw = self.grid_size
-        grid = (side, side) if side * side == n_old else next(
-            ((h, n_old // h) for h in range(1, n_old + 1) if n_old % h == 0 and h * gw == (n_old // h) * gh), None)
+        grid = checkpoint_grid(n_old, self.grid_size)
+        if grid == (gh, gw):
+            return                      # compared as (h, w) grids: 14x14 into 7x28 is resampled
         if grid is None:
             msg = (f"checkpoint {source} has a position embedding for {n_old} patches, not a square grid nor "
                    f"one of the model's aspect ratio ({gh}x{gw}); build the model with the checkpoint's img_size")
@@ -427,22 +342,8 @@ class VideoMamba(nn.Module):
         warnings.warn(f"checkpoint {source} has a {grid[0]}x{grid[1]} patch grid (img_size {grid[0] * p[0]}x"
                       f"{grid[1] * p[1]}): resampled its position embedding to the model's {gh}x{gw} grid "
                       f"(img_size {self.img_size[0]}x{self.img_size[1]})", stacklevel=4)
-        state["pos_embed"] = resample_pos_embed(old, (gh, gw), grid, 0, 0)
+        state["pos_embed"] = resample_pos_embed(old, (gh, gw), grid, cls_index_old=0, cls_index_new=0)
         info.update(resized_pos_embed=True, pos_embed_grid=(grid, (gh, gw)))
-
-    def checkpoint_hint(self, state: Mapping[str, Tensor]) -> str | None:
-        """When the checkpoint's dimensions differ from this model's: what they are and the
-        ``create_model(...)`` call that fits them."""
-        ckpt, mine = mamba_architecture(state), mamba_architecture(self.state_dict())
-        differs = {k: (v, mine[k]) for k, v in ckpt.items() if k in mine and mine[k] != v and k != "num_classes"}
-        if not differs:
-            return None
-
-        def say(key: str, value: int) -> str:
-            return f"{value} blocks" if key == "depth" else f"{key} {value}"
-        have = " and ".join(say(k, v) for k, (v, _) in differs.items())
-        want = " and ".join(say(k, w) for k, (_, w) in differs.items())
-        return f"this checkpoint has {have} (the model: {want}); build the model with {_suggest_model(ckpt)}"
 
 
 def resample_temporal(embedding: Tensor, frames: int) -> Tensor:
@@ -450,23 +351,6 @@ def resample_temporal(embedding: Tensor, frames: int) -> Tensor:
     (``align_corners=False``, in fp32, returned in the input's dtype)."""
     out = F.interpolate(embedding.float().transpose(1, 2), size=frames, mode="linear", align_corners=False)
     return out.transpose(1, 2).to(embedding.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint recognition
-
-
-def _suggest_model(arch: dict[str, int]) -> str:
-    """The ``create_model(...)`` call of the VideoMamba preset nearest these dimensions."""
-    presets = {n: {"in_chans": 3, "num_classes": 1000, **model_defaults(n)}
-               for n in list_models() if get_preset(n).builder is VideoMamba}
-    best = next((n for n, d in presets.items() if d.get("embed_dim") == arch.get("embed_dim")
-                 and d.get("depth") == arch.get("depth")), None)
-    best = best or next((n for n, d in presets.items() if d.get("embed_dim") == arch.get("embed_dim")),
-                        "videomamba_tiny")
-    defaults = presets.get(best, {})
-    overrides = {k: v for k, v in arch.items() if defaults.get(k) != v}
-    return f"create_model({', '.join([repr(best), *(f'{k}={v}' for k, v in overrides.items())])})"
 
 
 # ---------------------------------------------------------------------------------------------

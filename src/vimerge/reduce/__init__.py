@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tokens import Reducer, TokenModel, TokenState, ratio_from_counts
+from ..tokens import Reducer, TokenModel, TokenState, protected_positions, ratio_from_counts
 from . import prune, rmeeto, stm  # noqa: F401  (each registers its method)
 from .prune import Prune
 from .registry import (
@@ -84,6 +84,10 @@ def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
     n = model.num_tokens if num_tokens is None else num_tokens
     if model.reduction is None:
         return [n] * model.depth
+    protected = protected_positions(model)
+    if len(protected) > 1:       # registers: only methods that know protected tokens are asked
+        return model.reduction.token_counts(n, model.depth, model.cls_index, model.reduction_site,
+                                            protected=protected)
     return model.reduction.token_counts(n, model.depth, model.cls_index, model.reduction_site)
 
 

@@ -18,6 +18,8 @@ token merge only with tokens of its own frame / of its own grid cell in other fr
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -34,6 +36,8 @@ from ..tokens import (
     TokenState,
     check_convention,
     merge_state,
+    protected_positions,
+    protected_slots,
     ratio_from_counts,
     token_frames,
 )
@@ -81,13 +85,45 @@ def _scores(a: Tensor, b: Tensor, distance: str) -> Tensor:
     return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
-def _without(x: Tensor, index: int) -> Tensor:
-    """(B, N, C) without token ``index`` (a view when it is the first or the last)."""
+def _without(x: Tensor, kept: Sequence[int]) -> Tensor:
+    """(B, N, C) without the protected tokens ``kept`` (a view for one at the first or the last place)."""
+    if len(kept) > 1:
+        return x[:, _others(x.shape[1], kept, x.device)]
+    index = kept[0]
     if index == 0:
         return x[:, 1:]
     if index == x.shape[1] - 1:
         return x[:, :-1]
     return torch.cat([x[:, :index], x[:, index + 1:]], dim=1)
+
+
+def _others(n: int, kept: Sequence[int], device) -> Tensor:
+    """(n - len(kept),) the positions that are not protected, in order."""
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+    mask[list(kept)] = False
+    return mask.nonzero().squeeze(1)
+
+
+def _insert_protected(slot_rest: Tensor, cls_index: int, kept: Sequence[int], n: int, num_out: int
+                      ) -> tuple[Tensor, int]:
+    """The full (B, n) slot map from the slots of the other tokens among themselves (-1:
+    dropped), the protected tokens put back at :func:`~vimerge.tokens.protected_slots`; also
+    the class token's new index. One protected token (the class token): R-MeeTo's
+    ``cls * (N - r) // N``."""
+    bsz, dev = slot_rest.shape[0], slot_rest.device
+    if len(kept) == 1:
+        new_cls = cls_index * num_out // n
+        slot_rest = torch.where(slot_rest >= new_cls, slot_rest + 1, slot_rest)
+        slot = torch.cat([slot_rest[:, :cls_index], torch.full((bsz, 1), new_cls, device=dev),
+                          slot_rest[:, cls_index:]], dim=1)
+        return slot, new_cls
+    targets = protected_slots(kept, n, num_out)
+    free = _others(num_out, targets, dev)                                  # output places of the others
+    placed = torch.where(slot_rest >= 0, free[slot_rest.clamp_min(0)], slot_rest)
+    slot = torch.empty(bsz, n, dtype=torch.long, device=dev)
+    slot[:, _others(n, kept, dev)] = placed
+    slot[:, list(kept)] = torch.tensor(targets, device=dev)
+    return slot, targets[list(kept).index(cls_index)]
 
 
 def _full_precision(device: torch.device):
@@ -101,11 +137,15 @@ def _full_precision(device: torch.device):
 def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "cosine", kth: int = 1,
                    grouping: str = "odd-even", select: str = "top", pair: str = "best",
                    ordered: bool = True, prune: bool = False,
-                   generator: torch.Generator | None = None) -> MergePlan:
+                   generator: torch.Generator | None = None, protected: Sequence[int] | None = None) -> MergePlan:
     """Plan one R-MeeTo step on ``metric`` (B, N, C) with the class token at ``cls_index``.
 
     Args:
-        r: tokens to remove (at most ``(N - 1) // 2``).
+        r: tokens to remove (at most ``(N - P) // 2``, P protected tokens).
+        protected: the positions of every token kept out of the matching (sorted, the class
+            token's among them; default ``(cls_index,)``): Mamba-Reg's registers. They are
+            neither merged nor absorb anything and go back at their proportional places
+            (:func:`~vimerge.tokens.protected_slots`).
         distance: "cosine", "l1" or "l2" (Table 7), on L2-normalised features.
         kth: match every A token to its k-th closest B token (Table 15; 1 = closest).
         grouping: "odd-even", "front-behind" or "random" split of the positions (Table 20).
@@ -121,13 +161,14 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     does not matter).
     """
     bsz, n, _ = metric.shape
-    m = n - 1
-    r = min(r, bipartite_capacity(n))
+    guarded = (cls_index,) if protected is None else tuple(protected)
+    m = n - len(guarded)
+    r = min(r, bipartite_capacity(n, len(guarded)))
     dev = metric.device
     A, B = _groups(m, grouping, generator, dev)
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))   # fp64 stays fp64
-        rest = _without(metric, cls_index)
+        rest = _without(metric, guarded)
         if grouping == "odd-even":       # strided views: no gather of the two halves (VideoMamba: 1568 tokens)
             scores = _scores(rest[:, 0::2], rest[:, 1::2], distance)        # (B, |A|, |B|)
         else:
@@ -160,15 +201,12 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
         slot_rest.scatter_(1, kept_pos, rank[:, B.numel():])
         if not prune:
             slot_rest.scatter_(1, A[src], slot_rest[:, B].gather(1, dst))
-        new_cls = cls_index * (n - r) // n
-        slot_rest = torch.where(slot_rest >= new_cls, slot_rest + 1, slot_rest)
-        slot = torch.cat([slot_rest[:, :cls_index], torch.full((bsz, 1), new_cls, device=dev),
-                          slot_rest[:, cls_index:]], dim=1)
+        slot, new_cls = _insert_protected(slot_rest, cls_index, guarded, n, n - r)
     return MergePlan(slot, n - r, new_cls)
 
 
 def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, distance: str = "cosine",
-                kth: int = 1, prune: bool = False) -> MergePlan:
+                kth: int = 1, prune: bool = False, protected: Sequence[int] | None = None) -> MergePlan:
     """Plan one R-MeeTo step in which a token merges only into a token of its own group.
 
     ``groups`` (B, N): a group id per token (the class token's is ignored), e.g. the frame of
@@ -185,12 +223,13 @@ def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, dista
         ValueError: some image has fewer than r A tokens with a partner in their group.
     """
     bsz, n, _ = metric.shape
-    m = n - 1
+    guarded = (cls_index,) if protected is None else tuple(protected)
+    m = n - len(guarded)
     dev = metric.device
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
-        rest = _without(metric, cls_index)
-        g = torch.cat([groups[:, :cls_index], groups[:, cls_index + 1:]], dim=1).to(dev, torch.long)
+        rest = _without(metric, guarded)
+        g = _without(groups.unsqueeze(-1), guarded).squeeze(-1).to(dev, torch.long)
         pos = torch.arange(m, device=dev).expand(bsz, m)
         order = (g * m + pos).argsort(dim=1)                                # by group, then position
         sorted_g = g.gather(1, order)
@@ -227,10 +266,7 @@ def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, dista
         slot_rest = torch.where(kept, kept.long().cumsum(1) - 1, torch.full_like(pos, -1))
         if not prune:
             slot_rest.scatter_(1, src_pos, slot_rest.gather(1, dst_pos))
-        new_cls = cls_index * (n - r) // n
-        slot_rest = torch.where(slot_rest >= new_cls, slot_rest + 1, slot_rest)
-        slot = torch.cat([slot_rest[:, :cls_index], torch.full((bsz, 1), new_cls, device=dev),
-                          slot_rest[:, cls_index:]], dim=1)
+        slot, new_cls = _insert_protected(slot_rest, cls_index, guarded, n, n - r)
     return MergePlan(slot, n - r, new_cls)
 
 
@@ -242,9 +278,10 @@ def scope_capacity(num_tokens: int, groups: int) -> int:
 
 
 def shuffle_tokens(state: TokenState, fraction: float, generator: torch.Generator | None) -> TokenState:
-    """Permute a random ``fraction`` of the non-class token positions among themselves (Table 5)."""
+    """Permute a random ``fraction`` of the positions of the tokens that are not protected (the
+    class token, registers) among themselves (Table 5)."""
     n = state.num_tokens
-    others = [i for i in range(n) if i != state.cls_index]
+    others = [i for i in range(n) if i not in state.kept]
     count = int(round(fraction * len(others)))
     if count < 2:
         return state
@@ -327,23 +364,29 @@ class RMeeTo:
         self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ schedule
-    def layer_r(self, num_tokens: int, depth: int, site: str = "before_mixer") -> list[int]:
+    def layer_r(self, num_tokens: int, depth: int, site: str = "before_mixer", protected: int = 1) -> list[int]:
         """Requested r of every block (before the per-block cap), for a model that reduces at
-        ``site`` (see :data:`vimerge.tokens.SITES`)."""
+        ``site`` (see :data:`vimerge.tokens.SITES`) and keeps ``protected`` tokens out of the
+        matching (1: the class token; Mamba-Reg: its registers)."""
         if self.r is not None and self.ratio is not None:    # both set at run time
             raise ValueError(f"this reducer has r={self.r} and ratio={self.ratio}; set the other one to None")
         first = _first_layer(site)
         interval = DEFAULT_INTERVAL[site] if self.interval is None else self.interval
+        capacity = functools.partial(bipartite_capacity, protected=protected)
         if self.ratio is not None:
-            r = r_for_ratio(self.ratio, num_tokens, depth, interval, self.odd, first=first)
+            r = r_for_ratio(self.ratio, num_tokens, depth, interval, self.odd, capacity=capacity, first=first)
         else:
             r = 0 if self.r is None else self.r
-        return check_r(r, num_tokens, depth, interval, self.odd, first=first)
+        return check_r(r, num_tokens, depth, interval, self.odd, capacity=capacity, first=first)
 
     def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
-                     site: str = "before_mixer") -> list[int]:
-        """Tokens left after each block's reduction (the class token's place does not matter)."""
-        return token_counts(self.layer_r(num_tokens, depth, site), num_tokens)
+                     site: str = "before_mixer", protected: Sequence[int] | None = None) -> list[int]:
+        """Tokens left after each block's reduction (the class token's place does not matter;
+        ``protected``: the positions kept out of the matching, which caps every step at half
+        of the others)."""
+        k = 1 if protected is None else len(protected)
+        capacity = functools.partial(bipartite_capacity, protected=k)
+        return token_counts(self.layer_r(num_tokens, depth, site, k), num_tokens, capacity)
 
     def reduction_ratio(self, num_tokens: int, depth: int, site: str = "before_mixer") -> float:
         return ratio_from_counts(self.token_counts(num_tokens, depth, site=site), num_tokens)
@@ -361,7 +404,7 @@ class RMeeTo:
 
     # ------------------------------------------------------------------ reducer protocol
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
-        self._r = self.layer_r(num_tokens, model.depth, model.reduction_site)
+        self._r = self.layer_r(num_tokens, model.depth, model.reduction_site, len(protected_positions(model)))
         if self.scope != "flat":
             self._check_scope(model, num_tokens)
         attention = model.reduction_site == "after_attention"
@@ -422,7 +465,7 @@ class RMeeTo:
         return ((fwd + bwd) / 2).transpose(1, 2)
 
     def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
-        r = min(self._r[state.layer], bipartite_capacity(state.num_tokens))
+        r = min(self._r[state.layer], bipartite_capacity(state.num_tokens, len(state.kept)))
         if r <= 0:
             return state
         if self.metric in SCAN_METRICS and state.layer == 0:
@@ -436,9 +479,10 @@ class RMeeTo:
                                  f"{type(model).__name__} does not provide; use scope='flat'")
             groups = state.coords[..., 0 if self.scope == "frame" else 1]
             plan = scoped_plan(metric, groups, state.cls_index, r, distance=self.distance, kth=self.kth,
-                               prune=self.drop)
+                               prune=self.drop, protected=state.protected)
             return merge_state(state, plan, self.mode)
         plan = bipartite_plan(metric, state.cls_index, r, distance=self.distance, kth=self.kth,
                               grouping=self.grouping, select=self.select, pair=self.pair,
-                              ordered=self.ordered, prune=self.drop, generator=self._generator)
+                              ordered=self.ordered, prune=self.drop, generator=self._generator,
+                              protected=state.protected)
         return merge_state(state, plan, self.mode)

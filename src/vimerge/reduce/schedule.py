@@ -18,9 +18,10 @@ from ..tokens import ratio_from_counts
 Capacity = Callable[[int], int]
 
 
-def bipartite_capacity(num_tokens: int) -> int:
-    """Most tokens one bipartite matching step can remove (class token excluded)."""
-    return max(0, (num_tokens - 1) // 2)
+def bipartite_capacity(num_tokens: int, protected: int = 1) -> int:
+    """Most tokens one bipartite matching step can remove: half of those that may merge, the
+    ``protected`` ones (the class token; Mamba-Reg: its registers) kept out."""
+    return max(0, (num_tokens - protected) // 2)
 
 
 def reduction_layers(depth: int, interval: int = 2, odd: bool = False, first: int = 1) -> list[int]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ from ..tokens import (
     TokenState,
     check_convention,
     merge_state,
+    protected_positions,
     ratio_from_counts,
 )
 from .registry import option, register_method
@@ -146,10 +148,22 @@ def sweep_offsets(side_len: int, count: int) -> list[int]:
     return [(k * side_len) // count for k in range(count)]
 
 
+def side_positions(num_tokens: int, cls_index: int, protected: Sequence[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """The positions each side of the class token can give up, each from its far end toward
+    the class token: left ``[0, 1, ...]``, right ``[N - 1, N - 2, ...]``, without the
+    ``protected`` ones (Mamba-Reg's registers; the class token is never on a side)."""
+    skip = {cls_index} if protected is None else set(protected) | {cls_index}
+    left = [p for p in range(cls_index) if p not in skip]
+    right = [p for p in range(num_tokens - 1, cls_index, -1) if p not in skip]
+    return left, right
+
+
 def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int | None,
-                start_layer: int, cls_index: int | None, sides: str = "both"
-                ) -> tuple[int, int, int, int, int, int, int]:
-    """Validate a BNNM request; returns (c, left, right, t_left, t_right, per_side, need)."""
+                start_layer: int, cls_index: int | None, sides: str = "both",
+                protected: Sequence[int] | None = None) -> tuple[int, int, int, int, int, int, int]:
+    """Validate a BNNM request; returns (c, left, right, t_left, t_right, per_side, need), with
+    ``left`` / ``right`` the tokens each side can give (protected ones not counted)."""
     check_final_ratio(final_ratio)
     if per_side is None:
         per_side = default_per_side(final_ratio)
@@ -160,7 +174,7 @@ def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int |
     c = (num_tokens - 1) // 2 if cls_index is None else cls_index
     if not 0 <= c < num_tokens:
         raise ValueError(f"class token index {c} is outside a sequence of {num_tokens} tokens")
-    left, right = c, num_tokens - 1 - c
+    left, right = (len(side) for side in side_positions(num_tokens, c, protected))
     total = target_tokens(final_ratio, num_tokens)
     t_left, t_right = side_targets(total, left, right, sides)
     cap = max(left - 1, 0), max(right - 1, 0)   # the class token's neighbours stay
@@ -181,12 +195,13 @@ def _plan_sides(num_tokens: int, depth: int, final_ratio: float, per_side: int |
 
 
 def bnnm_counts(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
-                start_layer: int = 1, cls_index: int | None = None, sides: str = "both") -> list[int]:
+                start_layer: int = 1, cls_index: int | None = None, sides: str = "both",
+                protected: Sequence[int] | None = None) -> list[int]:
     """Tokens each block's mixer sees under the BNNM schedule, without building it (the same
     numbers as ``schedule_counts(bnnm_schedule(...))``: block ``start_layer + k`` removes
     ``min(per_side, T_s - k per_side)`` tokens from each side ``s`` that has some left)."""
     _, _, _, t_left, t_right, p, need = _plan_sides(num_tokens, depth, final_ratio, per_side, start_layer,
-                                                    cls_index, sides)
+                                                    cls_index, sides, protected)
     counts, n = [], num_tokens
     for layer in range(depth):
         k = layer - start_layer
@@ -197,18 +212,24 @@ def bnnm_counts(num_tokens: int, depth: int, final_ratio: float, per_side: int |
 
 
 def bnnm_schedule(num_tokens: int, depth: int, final_ratio: float, per_side: int | None = None,
-                  start_layer: int = 1, cls_index: int | None = None, sides: str = "both"
-                  ) -> list[MergeStep | None]:
+                  start_layer: int = 1, cls_index: int | None = None, sides: str = "both",
+                  protected: Sequence[int] | None = None) -> list[MergeStep | None]:
     """The BNNM step of every block (None where a block does not reduce).
 
     ``cls_index`` defaults to the Vim layout, ``(num_tokens - 1) // 2``; ``sides`` (see
-    :data:`SIDES`) restricts the merging to one side. Raises ValueError for requests that
-    cannot be met (see the module docstring for the positions).
+    :data:`SIDES`) restricts the merging to one side. ``protected`` (sorted positions, the
+    class token's among them: Mamba-Reg's registers) are swept over and never absorb a token:
+    a side's sweep runs over its other tokens, and a removed token merges into the nearest
+    remaining token toward the class token that is not protected (past a register if one is
+    in between). Raises ValueError for requests that cannot be met (see the module docstring
+    for the positions).
     """
     c, left, right, t_left, t_right, per_side, need = _plan_sides(
-        num_tokens, depth, final_ratio, per_side, start_layer, cls_index, sides)
-    queues = ([p for p in sweep_offsets(left, t_left)],
-              [num_tokens - 1 - d for d in sweep_offsets(right, t_right)])
+        num_tokens, depth, final_ratio, per_side, start_layer, cls_index, sides, protected)
+    left_pos, right_pos = side_positions(num_tokens, c, protected)
+    keep = {c} if protected is None else set(protected)
+    queues = ([left_pos[d] for d in sweep_offsets(left, t_left)],
+              [right_pos[d] for d in sweep_offsets(right, t_right)])
     alive = list(range(num_tokens))       # original positions of the current tokens
     steps: list[MergeStep | None] = [None] * depth
     for layer in range(start_layer, start_layer + need):
@@ -219,9 +240,9 @@ def bnnm_schedule(num_tokens: int, depth: int, final_ratio: float, per_side: int
         index = {p: i for i, p in enumerate(alive)}
         pairs = []                # (removed, target, side) in original positions
         for p in take_left:       # merge rightward into the nearest remaining token
-            pairs.append((p, next(a for a in alive[index[p] + 1:] if a not in gone), -1))
+            pairs.append((p, next(a for a in alive[index[p] + 1:] if a not in gone and a not in keep), -1))
         for p in take_right:      # merge leftward
-            pairs.append((p, next(a for a in reversed(alive[:index[p]]) if a not in gone), 1))
+            pairs.append((p, next(a for a in reversed(alive[:index[p]]) if a not in gone and a not in keep), 1))
         removed = [index[p] for p, _, _ in pairs]
         target = [index[q] for _, q, _ in pairs]
         side = [s for _, _, s in pairs]
@@ -244,7 +265,8 @@ def schedule_counts(steps: list[MergeStep | None], num_tokens: int) -> list[int]
 @functools.lru_cache(maxsize=256)
 def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, start_layer: int = 1,
                             max_error: float = 0.03, per_side: int | None = None,
-                            cls_index: int | None = None, sides: str = "both") -> dict[str, float | int]:
+                            cls_index: int | None = None, sides: str = "both",
+                            protected: tuple[int, ...] | None = None) -> dict[str, float | int]:
     """STM settings (``final_ratio``, ``per_side``) whose mean-token reduction ratio is nearest
     ``mean_ratio``.
 
@@ -261,7 +283,7 @@ def settings_for_mean_ratio(mean_ratio: float, num_tokens: int, depth: int, star
     for p in widths:
         for k in range(num_tokens):
             try:
-                counts = bnnm_counts(num_tokens, depth, k / num_tokens, p, start_layer, cls_index, sides)
+                counts = bnnm_counts(num_tokens, depth, k / num_tokens, p, start_layer, cls_index, sides, protected)
             except ValueError:
                 break                      # larger k needs more tokens or blocks than exist
             got = ratio_from_counts(counts, num_tokens)
@@ -417,24 +439,28 @@ class STM:
         self._plain = not self.hsp
 
     # ------------------------------------------------------------------ schedule
-    def settings(self, num_tokens: int, depth: int, cls_index: int | None = None) -> tuple[float, int]:
+    def settings(self, num_tokens: int, depth: int, cls_index: int | None = None,
+                 protected: Sequence[int] | None = None) -> tuple[float, int]:
         """(final_ratio, per_side) of the schedule: as given, or searched for ``ratio``."""
         if self.final_ratio is not None:
             return self.final_ratio, self.per_side or default_per_side(self.final_ratio)
         found = settings_for_mean_ratio(self.ratio, num_tokens, depth, self.start_layer,
-                                        per_side=self.per_side, cls_index=cls_index, sides=self.sides)
+                                        per_side=self.per_side, cls_index=cls_index, sides=self.sides,
+                                        protected=None if protected is None else tuple(protected))
         return found["final_ratio"], found["per_side"]
 
-    def schedule(self, num_tokens: int, depth: int, cls_index: int | None = None) -> list[MergeStep | None]:
+    def schedule(self, num_tokens: int, depth: int, cls_index: int | None = None,
+                 protected: Sequence[int] | None = None) -> list[MergeStep | None]:
         """The BNNM step of every block (see :func:`bnnm_schedule`)."""
-        final, per_side = self.settings(num_tokens, depth, cls_index)
-        return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides)
+        final, per_side = self.settings(num_tokens, depth, cls_index, protected)
+        return bnnm_schedule(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides, protected)
 
     def token_counts(self, num_tokens: int, depth: int, cls_index: int | None = None,
-                     site: str = "before_mixer") -> list[int]:
-        """Tokens each block's mixer sees (class token by default at ``(num_tokens - 1) // 2``, as in Vim)."""
-        final, per_side = self.settings(num_tokens, depth, cls_index)
-        return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides)
+                     site: str = "before_mixer", protected: Sequence[int] | None = None) -> list[int]:
+        """Tokens each block's mixer sees (class token by default at ``(num_tokens - 1) // 2``, as
+        in Vim; ``protected``: the registers too, see :func:`bnnm_schedule`)."""
+        final, per_side = self.settings(num_tokens, depth, cls_index, protected)
+        return bnnm_counts(num_tokens, depth, final, per_side, self.start_layer, cls_index, self.sides, protected)
 
     def reduction_ratio(self, num_tokens: int, depth: int) -> float:
         """1 - mean tokens per block / initial tokens."""
@@ -454,7 +480,8 @@ class STM:
     # ------------------------------------------------------------------ reducer protocol
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
         depth = model.depth
-        self._steps = self.schedule(num_tokens, depth, model.cls_index)
+        protected = protected_positions(model)
+        self._steps = self.schedule(num_tokens, depth, model.cls_index, protected if len(protected) > 1 else None)
         self.weights, self.fallbacks = {}, []
         self._plain = not self.hsp or model.reduction_site != "before_mixer"
         if self.hsp and self._plain:
