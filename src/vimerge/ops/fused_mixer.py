@@ -187,41 +187,56 @@ if _IMPORT_ERROR is None:
                     gbiasb_part[bi, c] += gpb[bi, t, c]
 
     @njit(inline="always", fastmath=True)
-    def _scan_row(u, delta, bias, A, dbc, R, D, bi, c, reverse, dt, y, add):
-        """One direction of channel c: y[t] (+)= C_t . h_t + D u_t, dt[t] = softplus(delta + bias).
+    def _time_steps(dtr, W, bias, bi, c, dt):
+        """dt[t] = softplus(W[c] . dtr[bi, :, t] + bias[c]): dt_proj and the scan's delta_bias,
+        softplus fused; dtr (b, R, L), W (d, R). Vectorised over t."""
+        L = dt.shape[0]
+        for t in range(L):
+            dt[t] = 0.0
+        for r in range(W.shape[1]):
+            w = W[c, r]
+            for t in range(L):
+                dt[t] += w * dtr[bi, r, t]
+        for t in range(L):
+            dt[t] = _softplus(dt[t] + bias[c])
 
-        u (b, L, d); delta (b, d, L); dbc (b, L, R + 2n) holds B at R.., C at R+n..;
+    @njit(inline="always", fastmath=True)
+    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, dt, y, add):
+        """One direction of channel c: y[t] (+)= C_t . h_t + D u_t.
+
+        dt from :func:`_time_steps`. u (b, L, d); dtr (b, R, L); W (d, R); Bm, Cm (b, L, n);
         ``reverse`` walks t = L-1 .. 0.
         """
         L = dt.shape[0]
         n = A.shape[1]
-        for t in range(L):
-            dt[t] = _softplus(delta[bi, c, t] + bias[c])
+        _time_steps(dtr, W, bias, bi, c, dt)
+        t0, step = (L - 1, -1) if reverse else (0, 1)
         h = np.zeros(n, dtype=np.float32)
         a_row = A[c]
         Dc = D[c]
         for s in range(L):
-            t = L - 1 - s if reverse else s
+            t = t0 + step * s
             dtt = dt[t]
             ut = u[bi, t, c]
             dtu = dtt * ut
             acc = Dc * ut
-            row = dbc[bi, t]
             for k in range(n):
-                hk = _exp(dtt * a_row[k]) * h[k] + dtu * row[R + k]
+                hk = _exp(dtt * a_row[k]) * h[k] + dtu * Bm[bi, t, k]
                 h[k] = hk
-                acc += hk * row[R + n + k]
+                acc += hk * Cm[bi, t, k]
             if add:
                 y[t] += acc
             else:
                 y[t] = acc
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _scan_forward_kernel(xz, u, ub, delta, deltab, dbc, dbcb, A, Ab, D, Db, bias, biasb, R,
-                             scale, out):
+    def _scan_forward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
+                             biasb, scale, out):
         """out[b, t, c] = scale * (y_fwd + y_bwd)[t] * silu(z[t]) with z = xz[..., d:].
 
-        u, ub, out (b, L, d); delta, deltab (b, d, L); dbc, dbcb (b, L, R + 2n); A, Ab (d, n).
+        u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
+        it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
+        (b, L, n); W, Wb (d, R); A, Ab (d, n).
         One task per (batch, channel), the n states vectorised.
         """
         b, L, d = out.shape
@@ -230,97 +245,102 @@ if _IMPORT_ERROR is None:
             c = task % d
             dt = np.empty(L, dtype=np.float32)
             y = np.empty(L, dtype=np.float32)
-            _scan_row(u, delta, bias, A, dbc, R, D, bi, c, False, dt, y, False)
-            _scan_row(ub, deltab, biasb, Ab, dbcb, R, Db, bi, c, True, dt, y, True)
+            _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False)
+            _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True)
             for t in range(L):
                 zt = xz[bi, t, d + c]
                 out[bi, t, c] = scale * y[t] * zt * _sigmoid(zt)
 
     @njit(inline="always", fastmath=True)
-    def _scan_row_backward(u, delta, bias, A, dbc, R, D, bi, c, reverse, gy, gu, gdelta, gA,
-                           gBC, dt, hs, da, GH, gh, ys, gD_part, gbias_part):
+    def _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, gy, gu, gW, gA,
+                           g_rows, dt, hs, da, GH, gh, ys, gD_part, gbias_part):
         """Gradients of one direction of channel c for dL/dy = gy (token order), adding its
         output y to ys. The states are recomputed into hs (L + 1, n); steps s = 0 .. L-1 are
-        t = s, or t = L-1-s with ``reverse``. gBC (L, 2n) accumulates this task's B, C grads."""
+        t = s, or t = L-1-s with ``reverse``. g_rows (L, R + 2n) accumulates this task's
+        gradients of dtr, B, C (in that order); gW (b, d, R) and gA (b, d, n) get channel c's."""
         L = dt.shape[0]
         n = A.shape[1]
+        R = W.shape[1]
         a_row = A[c]
+        w_row = W[c]
         Dc = D[c]
-        for t in range(L):
-            dt[t] = _softplus(delta[bi, c, t] + bias[c])
+        _time_steps(dtr, W, bias, bi, c, dt)
+        t0, step = (L - 1, -1) if reverse else (0, 1)
         for k in range(n):
             hs[0, k] = 0.0
             gh[k] = 0.0
         for s in range(L):                               # recompute the states
-            t = L - 1 - s if reverse else s
+            t = t0 + step * s
             dtt = dt[t]
             ut = u[bi, t, c]
             dtu = dtt * ut
             acc = Dc * ut
-            row = dbc[bi, t]
             for k in range(n):
                 a = _exp(dtt * a_row[k])
                 da[s, k] = a
-                hk = a * hs[s, k] + dtu * row[R + k]
+                hk = a * hs[s, k] + dtu * Bm[bi, t, k]
                 hs[s + 1, k] = hk
-                acc += hk * row[R + n + k]
+                acc += hk * Cm[bi, t, k]
             ys[t] += acc
         for s in range(L - 1, -1, -1):                   # sequential sweep for dL/dh
-            t = L - 1 - s if reverse else s
+            t = t0 + step * s
             g = gy[t]
-            row = dbc[bi, t]
             for k in range(n):
-                ghk = gh[k] + g * row[R + n + k]
+                ghk = gh[k] + g * Cm[bi, t, k]
                 GH[s, k] = ghk
                 gh[k] = ghk * da[s, k]
         gD = np.float32(0.0)
         gbias = np.float32(0.0)
+        gWr = gW[bi, c]
         for s in range(L):                               # per-step gradients
-            t = L - 1 - s if reverse else s
+            t = t0 + step * s
             ut = u[bi, t, c]
             dtt = dt[t]
-            row = dbc[bi, t]
             s_a = np.float32(0.0)
             s_b = np.float32(0.0)
             for k in range(n):
                 gaa = GH[s, k] * hs[s, k] * da[s, k]
                 da[s, k] = gaa
                 s_a += gaa * a_row[k]
-                s_b += GH[s, k] * row[R + k]
+                s_b += GH[s, k] * Bm[bi, t, k]
             gdtt = (s_a + s_b * ut) * (np.float32(1.0) - _exp(-dtt))   # softplus' = 1 - exp(-dt)
-            gdelta[bi, c, t] = gdtt
             gbias += gdtt
+            gr = g_rows[t]
+            for r in range(R):                           # through dt_proj
+                gr[r] += gdtt * w_row[r]
+                gWr[r] += gdtt * dtr[bi, r, t]
             gu[bi, t, c] = gy[t] * Dc + s_b * dtt
             gD += gy[t] * ut
         gD_part[bi, c] = gD
         gbias_part[bi, c] = gbias
         gAr = gA[bi, c]
         for s in range(L):                               # shared-parameter gradients
-            t = L - 1 - s if reverse else s
+            t = t0 + step * s
             dtt = dt[t]
             dtu = dtt * u[bi, t, c]
             g = gy[t]
             for k in range(n):
                 gAr[k] += da[s, k] * dtt
-            gr = gBC[t]
+            gr = g_rows[t]
             for k in range(n):
-                gr[n + k] += g * hs[s + 1, k]
+                gr[R + k] += GH[s, k] * dtu
             for k in range(n):
-                gr[k] += GH[s, k] * dtu
+                gr[R + n + k] += g * hs[s + 1, k]
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _scan_backward_kernel(xz, u, ub, delta, deltab, dbc, dbcb, A, Ab, D, Db, bias, biasb, R,
-                              scale, gout, gxz, gu, gub, gdelta, gdeltab, gA, gAb, gBC, gBCb,
+    def _scan_backward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
+                              biasb, scale, gout, gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
                               gD, gDb, gbias, gbiasb):
         """Gradients of :func:`_scan_forward_kernel` for gout (b, L, d).
 
         gxz (b, L, 2d) gets dL/dz in its last d channels and zeros in the first d (x's, from
-        the conv's backward). Per-task partials: gA, gAb (b, d, n), gD, gDb, gbias, gbiasb
-        (b, d) summed over b, gBC, gBCb (b, blocks, L, 2n) over blocks by the caller.
+        the conv's backward). Per-task partials: gW, gWb (b, d, R), gA, gAb (b, d, n), gD, gDb,
+        gbias, gbiasb (b, d) summed over b, g_rows, g_rowsb (b, blocks, L, R + 2n: the dtr (transposed),
+        B, C gradients) over blocks by the caller.
         """
         b, L, d = gout.shape
         n = A.shape[1]
-        nblk = gBC.shape[1]
+        nblk = g_rows.shape[1]
         blk = (d + nblk - 1) // nblk
         for task in prange(b * nblk):
             bi = task // nblk
@@ -342,10 +362,10 @@ if _IMPORT_ERROR is None:
                     gy[t] = gs[t] * zt * sg[t]
                     ys[t] = 0.0
                     gxz[bi, t, c] = 0.0
-                _scan_row_backward(u, delta, bias, A, dbc, R, D, bi, c, False, gy, gu, gdelta, gA,
-                                   gBC[bi, ci], dt, hs, da, GH, gh, ys, gD, gbias)
-                _scan_row_backward(ub, deltab, biasb, Ab, dbcb, R, Db, bi, c, True, gy, gub,
-                                   gdeltab, gAb, gBCb[bi, ci], dt, hs, da, GH, gh, ys, gDb, gbiasb)
+                _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, gy, gu, gW, gA,
+                                   g_rows[bi, ci], dt, hs, da, GH, gh, ys, gD, gbias)
+                _scan_row_backward(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, gy, gub, gWb,
+                                   gAb, g_rowsb[bi, ci], dt, hs, da, GH, gh, ys, gDb, gbiasb)
                 for t in range(L):
                     zt = xz[bi, t, d + c]
                     gxz[bi, t, d + c] = gs[t] * ys[t] * sg[t] * (
@@ -390,43 +410,45 @@ class _ConvSilu(torch.autograd.Function):
 
 
 class _ScanGate(torch.autograd.Function):
-    """out (b, L, d) = scale * (scan_fwd + scan_bwd) * silu(z); see the module docstring."""
+    """out (b, L, d) = scale * (scan_fwd + scan_bwd) * silu(z); see the module docstring.
+
+    Inputs: xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias, biasb (as
+    :func:`_scan_forward_kernel`), then scale."""
 
     @staticmethod
-    def forward(ctx, xz, u, ub, delta, deltab, dbc, dbcb, A, Ab, D, Db, bias, biasb,
-                R: int, scale: float):
-        tensors = [t.contiguous() for t in (xz, u, ub, delta, deltab, dbc, dbcb, A, Ab, D, Db,
-                                            bias, biasb)]
-        b, L, d = u.shape
-        out = u.new_empty(b, L, d)
-        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors], R,
+    def forward(ctx, *args):
+        *tensors, scale = args
+        tensors = [t.contiguous() for t in tensors]
+        u = tensors[1]
+        out = u.new_empty(u.shape)
+        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
              np.float32(scale), out.numpy())
         ctx.save_for_backward(*tensors)
-        ctx.R, ctx.scale = R, scale
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, gout):
         tensors = ctx.saved_tensors
-        xz, u, A = tensors[0], tensors[1], tensors[7]
+        xz, u, W, A = tensors[0], tensors[1], tensors[9], tensors[11]
         b, L, d = u.shape
-        n = A.shape[1]
+        n, R = A.shape[1], W.shape[1]
         nblk = (d + D_BLOCK - 1) // D_BLOCK
         gxz = torch.empty_like(xz)
         gu, gub = torch.empty_like(u), torch.empty_like(u)
-        gdelta, gdeltab = u.new_empty(b, d, L), u.new_empty(b, d, L)
+        gW, gWb = u.new_zeros(b, d, R), u.new_zeros(b, d, R)
         gA, gAb = u.new_zeros(b, d, n), u.new_zeros(b, d, n)
-        gBC, gBCb = u.new_zeros(b, nblk, L, 2 * n), u.new_zeros(b, nblk, L, 2 * n)
+        g_rows, g_rowsb = u.new_zeros(b, nblk, L, R + 2 * n), u.new_zeros(b, nblk, L, R + 2 * n)
         gD, gDb, gbias, gbiasb = (u.new_zeros(b, d) for _ in range(4))
-        _run("fused scan backward", _scan_backward_kernel, *[_np(t) for t in tensors], ctx.R,
+        _run("fused scan backward", _scan_backward_kernel, *[_np(t) for t in tensors],
              np.float32(ctx.scale), _np(gout.float()),
-             *[t.numpy() for t in (gxz, gu, gub, gdelta, gdeltab, gA, gAb, gBC, gBCb,
+             *[t.numpy() for t in (gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
                                    gD, gDb, gbias, gbiasb)])
-        zeros = u.new_zeros(b, L, ctx.R)
-        gdbc = torch.cat((zeros, gBC.sum(1)), dim=-1)
-        gdbcb = torch.cat((zeros, gBCb.sum(1)), dim=-1)
-        return (gxz, gu, gub, gdelta, gdeltab, gdbc, gdbcb, gA.sum(0), gAb.sum(0),
-                gD.sum(0), gDb.sum(0), gbias.sum(0), gbiasb.sum(0), None, None)
+        gdtr, gB, gC = g_rows.sum(1).split([R, n, n], dim=-1)
+        gdtrb, gBb, gCb = g_rowsb.sum(1).split([R, n, n], dim=-1)
+        return (gxz, gu, gub, gdtr.transpose(1, 2), gdtrb.transpose(1, 2), gB, gBb, gC, gCb,
+                gW.sum(0), gWb.sum(0), gA.sum(0),
+                gAb.sum(0), gD.sum(0), gDb.sum(0), gbias.sum(0), gbiasb.sum(0), None)
 
 
 def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, scale: float = 0.5,
@@ -443,28 +465,39 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
         (B, L, d_inner) ``scale * (y_fwd + flip(y_bwd))`` gated by ``silu(z)``, in ``xz``'s
         dtype (computed in fp32), and the scans (None unless ``record``).
     Raises:
-        ValueError: xz is not (B, L, 2 d_inner) for the parameters' d_inner.
+        ValueError: xz is not (B, L, 2 d_inner) for the parameters' d_inner, or x_proj's
+            output is not R + 2 d_state wide.
     """
     d = fwd.D.shape[0]
     if xz.dim() != 3 or xz.shape[-1] != 2 * d:
         raise ValueError(f"fused_bimamba_v2: xz must be (batch, tokens, {2 * d}) for d_inner {d}, "
                          f"got {tuple(xz.shape)}")
-    R = fwd.dt_proj_weight.shape[1]
+    R, n = fwd.dt_proj_weight.shape[1], d_state
+    if fwd.x_proj_weight.shape[0] != R + 2 * n:
+        raise ValueError(f"fused_bimamba_v2: x_proj gives {fwd.x_proj_weight.shape[0]} features, "
+                         f"expected dt_rank + 2 d_state = {R} + 2 * {n}")
     x32 = xz.float()
     xc, xcb = _ConvSilu.apply(x32, fwd.conv_weight.float(), fwd.conv_bias.float(),
                               bwd.conv_weight.float(), bwd.conv_bias.float())
-    scans = []
+    inputs: list[Tensor] = [x32, xc, xcb]
+    per_dir = []
     for p, u in ((fwd, xc), (bwd, xcb)):
-        dbc = F.linear(u, p.x_proj_weight.float())                       # (B, L, R + 2n)
-        delta = torch.matmul(p.dt_proj_weight.float(), dbc[..., :R].transpose(1, 2))   # (B, d, L)
-        scans.append((dbc, delta, -torch.exp(p.A_log.float())))
-    (dbc, delta, A), (dbcb, deltab, Ab) = scans
-    out = _ScanGate.apply(x32, xc, xcb, delta, deltab, dbc, dbcb, A, Ab, fwd.D.float(), bwd.D.float(),
-                          fwd.dt_proj_bias.float(), bwd.dt_proj_bias.float(), R, float(scale))
+        w = p.x_proj_weight.float()       # three products: dt (B, R, L), B, C (B, L, n), contiguous
+        per_dir.append([torch.matmul(w[:R], u.transpose(1, 2)), F.linear(u, w[R:R + n]), F.linear(u, w[R + n:]),
+                        p.dt_proj_weight.float(), -torch.exp(p.A_log.float()), p.D.float(),
+                        p.dt_proj_bias.float()])
+    for a, b in zip(*per_dir):            # kernel order: forward's, backward's of each input
+        inputs += [a, b]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _ScanGate.apply(*inputs, float(scale))
+    else:                                 # inference: no graph; the output overwrites xc
+        tensors = [t.contiguous() for t in inputs]
+        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
+             np.float32(scale), xc.numpy())
+        out = xc
     records = None
     if record:
-        n = d_state
-        records = tuple(FusedScans(dl.detach(), bc[..., R:R + n].transpose(1, 2).detach(),
-                                   bc[..., R + n:R + 2 * n].transpose(1, 2).detach(), a.detach())
-                        for bc, dl, a in scans)
+        records = tuple(FusedScans(torch.matmul(w_dt, dtr).detach(),   # (B, d, L)
+                                   Bm.transpose(1, 2).detach(), Cm.transpose(1, 2).detach(), A.detach())
+                        for dtr, Bm, Cm, w_dt, A, _, _ in per_dir)
     return out.to(xz.dtype), records
