@@ -131,16 +131,22 @@ def _set_fused(model, fused: bool) -> None:
 
 
 @pytest.mark.parametrize("spec", ["none", "rmeeto:r=4"])
-def test_vim_fmnist_logits_agree_on_the_shipped_weights(spec):
+def test_vim_fmnist_logits_agree_on_the_shipped_weights(spec, monkeypatch):
     """End to end on the shipped checkpoint: both paths give the same logits (and, with
-    R-MeeTo, which reads the recorded scans, the same merges)."""
+    R-MeeTo, which reads the recorded scans, the same merges); the default path is the fused
+    one (the step-by-step scan is never called), the other calls it twice per block."""
+    calls = []
+    real = vim_module.selective_scan
+    monkeypatch.setattr(vim_module, "selective_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = vimerge.create_model("vim_fmnist", pretrained=True, reduce=spec).eval()
     assert model.scan_backend == "auto"
     images = torch.randn(4, 1, 28, 28)
     logits = []
     for fused in (False, True):
         _set_fused(model, fused)
-        with torch.no_grad():
+        calls.clear()
+        with torch.inference_mode():
             logits.append(model(images))
+        assert len(calls) == (0 if fused else 2 * model.depth)
     torch.testing.assert_close(logits[1], logits[0], **FWD_TOL)
     assert not torch.equal(logits[0][0], logits[0][1])     # distinct images, distinct logits

@@ -10,18 +10,27 @@ Here the same arithmetic is three steps over the (B, L, 2 d_inner) tensor ``xz =
 1. :class:`_ConvSilu` (numba): both directions' conv1d (``d_conv`` taps) + bias + silu, the
    backward direction read in reverse (anti-causal taps, kernel reversed), outputs in token order
    (B, L, d_inner);
-2. ``x_proj`` / ``dt_proj`` in torch (matmuls on those channel-last tensors; ``delta`` comes out
-   (B, d_inner, L) from ``dt_proj.weight @ dt^T`` without a copy);
-3. :class:`_ScanGate` (numba): both directions' scan (softplus(delta + dt bias), ``D`` skip), the
-   backward one walking the tokens from last to first, summed, times ``scale`` and
-   ``silu(z)``: the (B, L, d_inner) input of ``out_proj``.
+2. ``x_proj`` in torch, as three matmuls on those channel-last tensors giving contiguous
+   dt rows (B, R, L), B and C (B, L, n) (no slicing copies);
+3. :class:`_ScanGate` (numba): per (batch, channel) task, ``dt_proj`` + ``delta_bias`` +
+   softplus, both directions' scan with the ``D`` skip (the backward one walking the tokens from
+   last to first), their sum times ``scale`` and ``silu(z)`` (z read from ``xz``): the
+   (B, L, d_inner) input of ``out_proj``. No (B, d_inner, L) ``delta`` tensor is built. Without
+   autograd (inference) the output is written over the forward conv output.
 
 In token order the backward direction is: conv ``p_b[t] = b_b + sum_k w_b[k] x[t + K-1-k]``,
 scan ``h_b[t] = exp(dt_b[t] A_b) h_b[t+1] + dt_b[t] B_b[t] u_b[t]``; this is the flipped
 sequence's causal conv and forward scan read back in token order, so ``flip`` is never built.
 Both kernels have numba backward kernels; the scan's recomputes the states per channel from the
-saved inputs as :mod:`vimerge.ops.numba_cpu` does. Results match the step-by-step mixer within
-float32 rounding (tests/test_fused_mixer.py: 1e-5 forward, 1e-4 gradients).
+saved inputs as :mod:`vimerge.ops.numba_cpu` does (and back-propagates through ``dt_proj``
+itself). The kernels use the thread count torch uses (``torch.get_num_threads()``). Results
+match the step-by-step mixer within float32 rounding (tests/test_fused_mixer.py: 1e-5 forward,
+1e-4 gradients).
+
+Which path runs: ``BiMambaMixer.forward`` takes this one when ``mixer.fused`` (default True) and
+:func:`fused_mixer_reason` is None (CPU tensors, numba importable, scan backend ``"numba"`` or an
+``"auto"`` resolving to it); ``mixer.fused = False`` or any other backend keeps the step-by-step
+mixer. Recording the scans for a reducer (``record_blocks``) works on both paths.
 """
 
 from __future__ import annotations
