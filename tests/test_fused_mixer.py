@@ -150,3 +150,18 @@ def test_vim_fmnist_logits_agree_on_the_shipped_weights(spec, monkeypatch):
         assert len(calls) == (0 if fused else 2 * model.depth)
     torch.testing.assert_close(logits[1], logits[0], **FWD_TOL)
     assert not torch.equal(logits[0][0], logits[0][1])     # distinct images, distinct logits
+
+
+def test_fused_path_under_bf16_autocast():
+    """Under CPU autocast the projections run in bf16; the fused kernels get fp32 copies and the
+    result stays within bf16 rounding of the fp32 one (as the step-by-step path does)."""
+    mixer = _mixer(16, 4, True)
+    hidden = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        ref = mixer(hidden)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = mixer(hidden).float()
+            mixer.fused = False
+            low_step = mixer(hidden).float()
+    assert float((low - ref).norm() / ref.norm()) < 0.05
+    assert float((low - low_step).norm() / ref.norm()) < 0.05

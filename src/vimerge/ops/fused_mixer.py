@@ -492,7 +492,8 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
     per_dir = []
     for p, u in ((fwd, xc), (bwd, xcb)):
         w = p.x_proj_weight.float()       # three products: dt (B, R, L), B, C (B, L, n), contiguous
-        per_dir.append([torch.matmul(w[:R], u.transpose(1, 2)), F.linear(u, w[R:R + n]), F.linear(u, w[R + n:]),
+        per_dir.append([torch.matmul(w[:R], u.transpose(1, 2)).float(),      # .float(): under autocast
+                        F.linear(u, w[R:R + n]).float(), F.linear(u, w[R + n:]).float(),
                         p.dt_proj_weight.float(), -torch.exp(p.A_log.float()), p.D.float(),
                         p.dt_proj_bias.float()])
     for a, b in zip(*per_dir):            # kernel order: forward's, backward's of each input
