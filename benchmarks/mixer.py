@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     for label, s in ((f"forward, batch {args.small_batch}", s2),
                      (f"training step, batch {args.train_batch}", s3)):
         old, new = s["step-by-step"], s["fused"]
-        print(f"| {label} | {old['img_s']:.1f} ({old['img_s_median']:.1f}) | {new['img_s']:.1f} "
-              f"({new['img_s_median']:.1f}) | {'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'fused', 'step-by-step'))} "
+        print(f"| {label} | {old['img_s']:.3g} ({old['img_s_median']:.3g}) | {new['img_s']:.3g} "
+              f"({new['img_s_median']:.3g}) | {'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'fused', 'step-by-step'))} "
               f"| {mb(old['peak_mb'])} | {mb(new['peak_mb'])} |")
     print(f"\n# {time.perf_counter() - start:.0f} s")
     if args.json:
