@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import selective_scan
+from ..ops import Direction, fused_bimamba_v2, fused_mixer_reason, selective_scan
 from ..tokens import BlockRecord, Reducer, ScanRecord, TokenState, check_convention
 from .layers import DropPath, RMSNorm
 from .registry import get_preset, list_models, model_defaults
@@ -53,6 +53,7 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = scan_backend
+        self.fused = True     # CPU + numba scan: the fused kernels (vimerge.ops.fused_mixer); False: step by step
         self.record = False   # set through MambaTrunk.record_blocks by reducers that need the scans
         self.last_record: BlockRecord | None = None
         self._scans: list[ScanRecord] = []
@@ -103,7 +104,24 @@ class BiMambaMixer(nn.Module):
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
                               backend=self.scan_backend)
 
+    def _forward_fused(self, hidden: Tensor) -> Tensor:
+        """:meth:`forward` through :func:`vimerge.ops.fused_bimamba_v2` (same values and records)."""
+        fwd, bwd = (Direction(getattr(self, "conv1d" + s).weight, getattr(self, "conv1d" + s).bias,
+                              getattr(self, "x_proj" + s).weight, getattr(self, "dt_proj" + s).weight,
+                              getattr(self, "dt_proj" + s).bias, getattr(self, a), getattr(self, "D" + s))
+                    for s, a in (("", "A_log"), ("_b", "A_b_log")))
+        y, scans = fused_bimamba_v2(self.in_proj(hidden), fwd, bwd, self.d_state,
+                                    scale=0.5 if self.average else 1.0, record=self.record)
+        if scans is not None:
+            self.last_record = BlockRecord(*(ScanRecord(s.delta, s.B, s.C, s.A, p.dt_proj_bias.detach())
+                                             for s, p in zip(scans, (fwd, bwd))), y.detach().transpose(1, 2))
+        return self.out_proj(y)
+
     def forward(self, hidden: Tensor) -> Tensor:
+        """(B, N, E) -> (B, N, E): the fused CPU kernels when ``self.fused`` and the scan backend
+        resolves to numba on CPU (:func:`vimerge.ops.fused_mixer_reason`), else step by step."""
+        if self.fused and fused_mixer_reason(hidden, self.scan_backend) is None:
+            return self._forward_fused(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2 d_inner, N)
         x, z = xz.chunk(2, dim=1)
         self._scans = []

@@ -1,0 +1,163 @@
+"""The fused CPU Mamba mixer (issue 24, item 1) against the step-by-step one, and Vim against DeiT.
+
+Usage:  python benchmarks/mixer.py [--rounds 5] [--threads 2] [--fmnist-batch 256]
+                                   [--small-batch 8] [--train-batch 8] [--json OUT]
+
+Three comparisons, each timed in interleaved rounds (every configuration once per round, so a
+busy spell of another process slows all of them alike); the tables give the fastest round, the
+median in brackets, and ratios taken within a round (best and median over rounds):
+
+1. forward img/s at ``--fmnist-batch`` of ``vim_fmnist`` (shipped weights) with the fused mixer
+   (``mixer.fused = True``, the default on CPU), the step-by-step one, and ``deit_fmnist``
+   (shipped weights) on the same 50 tokens;
+2. ``vim_small`` (random weights, 224 px, 197 tokens) forward at ``--small-batch``, both paths;
+3. one training step of ``vim_small`` at ``--train-batch`` (forward, cross-entropy, backward,
+   AdamW step), both paths.
+
+fp32, CPU, the default scan backend (numba). Peak memory: the rise of the resident set's
+high-water mark above the resident set before the timed call, in the fastest round (Linux).
+Compilation (numba, cached on disk after the first run) happens in an untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import vimerge
+from vimerge.measure.memory import reset_peak, rss_mb, trim_heap
+
+
+def set_fused(model, fused: bool) -> None:
+    """Choose the mixer path of every block (True: the fused kernels)."""
+    for block in model.layers:
+        block.mixer.fused = fused
+
+
+def timed(fn: Callable[[], None]) -> tuple[float, float | None]:
+    """Seconds one call of ``fn`` takes, and its peak memory rise in MiB (None if unknown)."""
+    trim_heap()
+    base = rss_mb("VmRSS")
+    exact = reset_peak()
+    start = time.perf_counter()
+    fn()
+    sec = time.perf_counter() - start
+    peak = rss_mb("VmHWM")
+    return sec, (peak - base) if exact and base is not None and peak is not None else None
+
+
+def forward_fn(model, batch: int, fused: bool | None) -> Callable[[], None]:
+    images = torch.randn(batch, model.in_chans, *model.img_size)
+
+    def run() -> None:
+        if fused is not None:
+            set_fused(model, fused)
+        with torch.inference_mode():
+            model(images)
+    return run
+
+
+def train_fn(model, batch: int, fused: bool) -> Callable[[], None]:
+    images = torch.randn(batch, model.in_chans, *model.img_size)
+    labels = torch.randint(0, model.num_classes, (batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def run() -> None:
+        set_fused(model, fused)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        opt.step()
+    return run
+
+
+def interleaved(configs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[tuple[float, float | None]]]:
+    for fn in configs.values():              # warm-up: compilation, allocator growth
+        fn()
+    runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for name, fn in configs.items():
+            runs[name].append(timed(fn))
+    return runs
+
+
+def summary(runs, batch: int) -> dict[str, dict]:
+    out = {}
+    for name, rs in runs.items():
+        secs = [s for s, _ in rs]
+        best = min(range(len(rs)), key=lambda i: secs[i])
+        out[name] = dict(img_s=batch / secs[best], img_s_median=batch / statistics.median(secs),
+                         ms=secs[best] * 1e3, peak_mb=rs[best][1], secs=secs)
+    return out
+
+
+def ratio(s: dict, num: str, den: str) -> tuple[float, float]:
+    """Speed of ``num`` over ``den`` per round (time of den / time of num): best and median."""
+    per = [b / a for a, b in zip(s[num]["secs"], s[den]["secs"])]
+    return max(per), statistics.median(per)
+
+
+def mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fmnist-batch", type=int, default=256)
+    p.add_argument("--small-batch", type=int, default=8)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    print(f"# fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.rounds} interleaved rounds; best round (median)")
+
+    vim = vimerge.create_model("vim_fmnist", pretrained=True).eval()
+    deit = vimerge.create_model("deit_fmnist", pretrained=True).eval()
+    b = args.fmnist_batch
+    s1 = summary(interleaved({"vim_fmnist fused": forward_fn(vim, b, True),
+                              "vim_fmnist step-by-step": forward_fn(vim, b, False),
+                              "deit_fmnist": forward_fn(deit, b, None)}, args.rounds), b)
+    print(f"\n| forward, batch {b}, {vim.num_tokens} tokens | img/s | ms/batch | vs deit_fmnist (same round): "
+          "best (median) | peak MB |")
+    print("|---|---|---|---|---|")
+    for name, r in s1.items():
+        rel = "1" if name == "deit_fmnist" else "{:.2f}x ({:.2f}x)".format(*ratio(s1, name, "deit_fmnist"))
+        print(f"| {name} | {r['img_s']:.0f} ({r['img_s_median']:.0f}) | {r['ms']:.0f} | {rel} | {mb(r['peak_mb'])} |")
+    del vim, deit
+
+    small = vimerge.create_model("vim_small").eval()
+    s2 = summary(interleaved({"fused": forward_fn(small, args.small_batch, True),
+                              "step-by-step": forward_fn(small, args.small_batch, False)}, args.rounds),
+                 args.small_batch)
+    small.train()
+    s3 = summary(interleaved({"fused": train_fn(small, args.train_batch, True),
+                              "step-by-step": train_fn(small, args.train_batch, False)}, args.rounds),
+                 args.train_batch)
+    print(f"\n| vim_small ({small.num_tokens} tokens) | step-by-step img/s | fused img/s | speed-up "
+          "(same round): best (median) | peak MB step-by-step | peak MB fused |")
+    print("|---|---|---|---|---|---|")
+    for label, s in ((f"forward, batch {args.small_batch}", s2),
+                     (f"training step, batch {args.train_batch}", s3)):
+        old, new = s["step-by-step"], s["fused"]
+        print(f"| {label} | {old['img_s']:.3g} ({old['img_s_median']:.3g}) | {new['img_s']:.3g} "
+              f"({new['img_s_median']:.3g}) | {'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'fused', 'step-by-step'))} "
+              f"| {mb(old['peak_mb'])} | {mb(new['peak_mb'])} |")
+    print(f"\n# {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fmnist": s1, "vim_small_forward": s2, "vim_small_train": s3}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

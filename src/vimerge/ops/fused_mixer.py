@@ -1,0 +1,513 @@
+"""Fused CPU path of the bidirectional ("v2") Mamba mixer: numba kernels over channel-last tensors.
+
+The step-by-step mixer (``BiMambaMixer`` in :mod:`vimerge.models.vim`, after hustvl/Vim's
+``mamba_simple.py``, ``bimamba_type="v2"``) runs, per direction, a depthwise causal conv1d,
+silu, ``x_proj``, ``dt_proj``, the selective scan with ``D`` skip and ``silu(z)`` gate, and for
+the backward direction flips ``x``/``z`` before and the output after; every step is a separate
+op on (B, d_inner, L) tensors, with transposes, ``flip`` and ``contiguous`` copies between them.
+Here the same arithmetic is three steps over the (B, L, 2 d_inner) tensor ``xz = in_proj(h)``:
+
+1. :class:`_ConvSilu` (numba): both directions' conv1d (``d_conv`` taps) + bias + silu, the
+   backward direction read in reverse (anti-causal taps, kernel reversed), outputs in token order
+   (B, L, d_inner);
+2. ``x_proj`` in torch, as three matmuls on those channel-last tensors giving contiguous
+   dt rows (B, R, L), B and C (B, L, n) (no slicing copies);
+3. :class:`_ScanGate` (numba): per (batch, channel) task, ``dt_proj`` + ``delta_bias`` +
+   softplus, both directions' scan with the ``D`` skip (the backward one walking the tokens from
+   last to first), their sum times ``scale`` and ``silu(z)`` (z read from ``xz``): the
+   (B, L, d_inner) input of ``out_proj``. No (B, d_inner, L) ``delta`` tensor is built. Without
+   autograd (inference) the output is written over the forward conv output.
+
+In token order the backward direction is: conv ``p_b[t] = b_b + sum_k w_b[k] x[t + K-1-k]``,
+scan ``h_b[t] = exp(dt_b[t] A_b) h_b[t+1] + dt_b[t] B_b[t] u_b[t]``; this is the flipped
+sequence's causal conv and forward scan read back in token order, so ``flip`` is never built.
+Both kernels have numba backward kernels; the scan's recomputes the states per channel from the
+saved inputs as :mod:`vimerge.ops.numba_cpu` does (and back-propagates through ``dt_proj``
+itself). The kernels use the thread count torch uses (``torch.get_num_threads()``). Results
+match the step-by-step mixer within float32 rounding (tests/test_fused_mixer.py: 1e-5 forward,
+1e-4 gradients).
+
+Which path runs: ``BiMambaMixer.forward`` takes this one when ``mixer.fused`` (default True) and
+:func:`fused_mixer_reason` is None (CPU tensors, numba importable, scan backend ``"numba"`` or an
+``"auto"`` resolving to it); ``mixer.fused = False`` or any other backend keeps the step-by-step
+mixer. Recording the scans for a reducer (``record_blocks``) works on both paths.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import resolve_backend
+from .numba_cpu import _IMPORT_ERROR, _run
+
+if _IMPORT_ERROR is None:
+    import numpy as np
+    from numba import njit, prange
+
+    from .numba_cpu import _exp, _sigmoid, _softplus
+
+D_BLOCK = 32  # channels per backward scan task (bounds the partial B/C gradient buffers)
+
+
+class Direction(NamedTuple):
+    """One scan direction's parameters, as the mixer holds them (``_b`` ones for backward).
+
+    conv_weight (d, 1, K) and conv_bias (d,) of the depthwise ``conv1d``; x_proj_weight
+    (R + 2n, d); dt_proj_weight (d, R) and dt_proj_bias (d,); A_log (d, n); D (d,).
+    """
+    conv_weight: Tensor
+    conv_bias: Tensor
+    x_proj_weight: Tensor
+    dt_proj_weight: Tensor
+    dt_proj_bias: Tensor
+    A_log: Tensor
+    D: Tensor
+
+
+class FusedScans(NamedTuple):
+    """Scan inputs of one direction in token order, for a reducer that records them:
+    delta (B, d, L) before bias and softplus, B and C (B, n, L) (views), A (d, n)."""
+    delta: Tensor
+    B: Tensor
+    C: Tensor
+    A: Tensor
+
+
+def fused_mixer_reason(x: Tensor, scan_backend: str) -> str | None:
+    """Why the fused path does not apply to the mixer input ``x`` with this scan backend, or None.
+
+    It applies to CPU tensors when numba is importable and ``scan_backend`` is ``"numba"`` or an
+    ``"auto"`` that resolves to it; other backends keep the step-by-step mixer.
+    """
+    if x.device.type != "cpu":
+        return f"tensors are on {x.device.type}, the fused kernels run on cpu"
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if scan_backend not in ("auto", "numba"):
+        return f"scan backend {scan_backend!r} is not numba"
+    if resolve_backend(scan_backend, x.device).name != "numba":
+        return f"scan backend {scan_backend!r} does not resolve to numba here"
+    return None
+
+
+if _IMPORT_ERROR is None:
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _conv_forward_kernel(xz, wT, bias, wbT, biasb, xc, xcb):
+        """xc = silu(causal conv), xcb = silu(anti-causal conv, taps reversed), token order.
+
+        xz (b, L, >= d) (x in its first d channels); wT, wbT (K, d); bias, biasb (d,);
+        xc, xcb (b, L, d). One task per (batch, token) row, vectorised over channels.
+        """
+        b, L, d = xc.shape
+        K = wT.shape[0]
+        for task in prange(b * L):
+            bi = task // L
+            t = task % L
+            out = xc[bi, t]
+            outb = xcb[bi, t]
+            for c in range(d):
+                out[c] = bias[c]
+                outb[c] = biasb[c]
+            for k in range(K):
+                j = t + k - (K - 1)
+                if j >= 0:
+                    xr = xz[bi, j]
+                    wr = wT[k]
+                    for c in range(d):
+                        out[c] += wr[c] * xr[c]
+                j = t + (K - 1) - k
+                if j < L:
+                    xr = xz[bi, j]
+                    wr = wbT[k]
+                    for c in range(d):
+                        outb[c] += wr[c] * xr[c]
+            for c in range(d):
+                p = out[c]
+                out[c] = p * _sigmoid(p)
+                p = outb[c]
+                outb[c] = p * _sigmoid(p)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _conv_backward_kernel(xz, wT, bias, wbT, biasb, g, gb, gp, gpb, gxz, gw_part, gwb_part,
+                              gbias_part, gbiasb_part):
+        """Gradients of :func:`_conv_forward_kernel` for incoming g, gb (b, L, d).
+
+        gp, gpb (b, L, d) are scratch (gradients of the pre-activations); gxz (b, L, 2d) gets
+        dL/dx in its first d channels and zeros in the others (z's, filled by the scan's
+        backward); per-batch partials gw_part, gwb_part (b, K, d), gbias_part, gbiasb_part (b, d)
+        are summed over b by the caller.
+        """
+        b, L, d = g.shape
+        K = wT.shape[0]
+        for task in prange(b * L):                     # pre-activation gradients, recomputed
+            bi = task // L
+            t = task % L
+            p = np.empty(d, dtype=np.float32)
+            pb = np.empty(d, dtype=np.float32)
+            for c in range(d):
+                p[c] = bias[c]
+                pb[c] = biasb[c]
+            for k in range(K):
+                j = t + k - (K - 1)
+                if j >= 0:
+                    for c in range(d):
+                        p[c] += wT[k, c] * xz[bi, j, c]
+                j = t + (K - 1) - k
+                if j < L:
+                    for c in range(d):
+                        pb[c] += wbT[k, c] * xz[bi, j, c]
+            for c in range(d):
+                s = _sigmoid(p[c])
+                gp[bi, t, c] = g[bi, t, c] * s * (np.float32(1.0) + p[c] * (np.float32(1.0) - s))
+                s = _sigmoid(pb[c])
+                gpb[bi, t, c] = gb[bi, t, c] * s * (np.float32(1.0) + pb[c] * (np.float32(1.0) - s))
+        for bi in prange(b):                           # input and weight gradients
+            gw = gw_part[bi]
+            gwb = gwb_part[bi]
+            for t in range(L):
+                out = gxz[bi, t]
+                for c in range(2 * d):
+                    out[c] = 0.0
+                for k in range(K):
+                    s = t - k + (K - 1)                # forward rows that read x[t] with tap k
+                    if s < L:
+                        for c in range(d):
+                            out[c] += wT[k, c] * gp[bi, s, c]
+                    s = t + k - (K - 1)                # backward rows that read x[t] with tap k
+                    if s >= 0:
+                        for c in range(d):
+                            out[c] += wbT[k, c] * gpb[bi, s, c]
+                for k in range(K):
+                    j = t + k - (K - 1)
+                    if j >= 0:
+                        for c in range(d):
+                            gw[k, c] += gp[bi, t, c] * xz[bi, j, c]
+                    j = t + (K - 1) - k
+                    if j < L:
+                        for c in range(d):
+                            gwb[k, c] += gpb[bi, t, c] * xz[bi, j, c]
+                for c in range(d):
+                    gbias_part[bi, c] += gp[bi, t, c]
+                    gbiasb_part[bi, c] += gpb[bi, t, c]
+
+    @njit(inline="always", fastmath=True)
+    def _time_steps(dtr, W, bias, bi, c, dt):
+        """dt[t] = softplus(W[c] . dtr[bi, :, t] + bias[c]): dt_proj and the scan's delta_bias,
+        softplus fused; dtr (b, R, L), W (d, R). Vectorised over t."""
+        L = dt.shape[0]
+        for t in range(L):
+            dt[t] = 0.0
+        for r in range(W.shape[1]):
+            w = W[c, r]
+            for t in range(L):
+                dt[t] += w * dtr[bi, r, t]
+        for t in range(L):
+            dt[t] = _softplus(dt[t] + bias[c])
+
+    @njit(inline="always", fastmath=True)
+    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, dt, y, add):
+        """One direction of channel c: y[t] (+)= C_t . h_t + D u_t.
+
+        dt from :func:`_time_steps`. u (b, L, d); dtr (b, R, L); W (d, R); Bm, Cm (b, L, n);
+        ``reverse`` walks t = L-1 .. 0.
+        """
+        L = dt.shape[0]
+        n = A.shape[1]
+        _time_steps(dtr, W, bias, bi, c, dt)
+        t0, step = (L - 1, -1) if reverse else (0, 1)
+        h = np.zeros(n, dtype=np.float32)
+        a_row = A[c]
+        Dc = D[c]
+        for s in range(L):
+            t = t0 + step * s
+            dtt = dt[t]
+            ut = u[bi, t, c]
+            dtu = dtt * ut
+            acc = Dc * ut
+            for k in range(n):
+                hk = _exp(dtt * a_row[k]) * h[k] + dtu * Bm[bi, t, k]
+                h[k] = hk
+                acc += hk * Cm[bi, t, k]
+            if add:
+                y[t] += acc
+            else:
+                y[t] = acc
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _scan_forward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
+                             biasb, scale, out):
+        """out[b, t, c] = scale * (y_fwd + y_bwd)[t] * silu(z[t]) with z = xz[..., d:].
+
+        u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
+        it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
+        (b, L, n); W, Wb (d, R); A, Ab (d, n).
+        One task per (batch, channel), the n states vectorised.
+        """
+        b, L, d = out.shape
+        for task in prange(b * d):
+            bi = task // d
+            c = task % d
+            dt = np.empty(L, dtype=np.float32)
+            y = np.empty(L, dtype=np.float32)
+            _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False)
+            _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True)
+            for t in range(L):
+                zt = xz[bi, t, d + c]
+                out[bi, t, c] = scale * y[t] * zt * _sigmoid(zt)
+
+    @njit(inline="always", fastmath=True)
+    def _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, gy, gu, gW, gA,
+                           g_rows, dt, hs, da, GH, gh, ys, gD_part, gbias_part):
+        """Gradients of one direction of channel c for dL/dy = gy (token order), adding its
+        output y to ys. The states are recomputed into hs (L + 1, n); steps s = 0 .. L-1 are
+        t = s, or t = L-1-s with ``reverse``. g_rows (L, R + 2n) accumulates this task's
+        gradients of dtr, B, C (in that order); gW (b, d, R) and gA (b, d, n) get channel c's."""
+        L = dt.shape[0]
+        n = A.shape[1]
+        R = W.shape[1]
+        a_row = A[c]
+        w_row = W[c]
+        Dc = D[c]
+        _time_steps(dtr, W, bias, bi, c, dt)
+        t0, step = (L - 1, -1) if reverse else (0, 1)
+        for k in range(n):
+            hs[0, k] = 0.0
+            gh[k] = 0.0
+        for s in range(L):                               # recompute the states
+            t = t0 + step * s
+            dtt = dt[t]
+            ut = u[bi, t, c]
+            dtu = dtt * ut
+            acc = Dc * ut
+            for k in range(n):
+                a = _exp(dtt * a_row[k])
+                da[s, k] = a
+                hk = a * hs[s, k] + dtu * Bm[bi, t, k]
+                hs[s + 1, k] = hk
+                acc += hk * Cm[bi, t, k]
+            ys[t] += acc
+        for s in range(L - 1, -1, -1):                   # sequential sweep for dL/dh
+            t = t0 + step * s
+            g = gy[t]
+            for k in range(n):
+                ghk = gh[k] + g * Cm[bi, t, k]
+                GH[s, k] = ghk
+                gh[k] = ghk * da[s, k]
+        gD = np.float32(0.0)
+        gbias = np.float32(0.0)
+        gWr = gW[bi, c]
+        for s in range(L):                               # per-step gradients
+            t = t0 + step * s
+            ut = u[bi, t, c]
+            dtt = dt[t]
+            s_a = np.float32(0.0)
+            s_b = np.float32(0.0)
+            for k in range(n):
+                gaa = GH[s, k] * hs[s, k] * da[s, k]
+                da[s, k] = gaa
+                s_a += gaa * a_row[k]
+                s_b += GH[s, k] * Bm[bi, t, k]
+            gdtt = (s_a + s_b * ut) * (np.float32(1.0) - _exp(-dtt))   # softplus' = 1 - exp(-dt)
+            gbias += gdtt
+            gr = g_rows[t]
+            for r in range(R):                           # through dt_proj
+                gr[r] += gdtt * w_row[r]
+                gWr[r] += gdtt * dtr[bi, r, t]
+            gu[bi, t, c] = gy[t] * Dc + s_b * dtt
+            gD += gy[t] * ut
+        gD_part[bi, c] = gD
+        gbias_part[bi, c] = gbias
+        gAr = gA[bi, c]
+        for s in range(L):                               # shared-parameter gradients
+            t = t0 + step * s
+            dtt = dt[t]
+            dtu = dtt * u[bi, t, c]
+            g = gy[t]
+            for k in range(n):
+                gAr[k] += da[s, k] * dtt
+            gr = g_rows[t]
+            for k in range(n):
+                gr[R + k] += GH[s, k] * dtu
+            for k in range(n):
+                gr[R + n + k] += g * hs[s + 1, k]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _scan_backward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
+                              biasb, scale, gout, gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
+                              gD, gDb, gbias, gbiasb):
+        """Gradients of :func:`_scan_forward_kernel` for gout (b, L, d).
+
+        gxz (b, L, 2d) gets dL/dz in its last d channels and zeros in the first d (x's, from
+        the conv's backward). Per-task partials: gW, gWb (b, d, R), gA, gAb (b, d, n), gD, gDb,
+        gbias, gbiasb (b, d) summed over b, g_rows, g_rowsb (b, blocks, L, R + 2n: the dtr (transposed),
+        B, C gradients) over blocks by the caller.
+        """
+        b, L, d = gout.shape
+        n = A.shape[1]
+        nblk = g_rows.shape[1]
+        blk = (d + nblk - 1) // nblk
+        for task in prange(b * nblk):
+            bi = task // nblk
+            ci = task % nblk
+            hs = np.empty((L + 1, n), dtype=np.float32)
+            da = np.empty((L, n), dtype=np.float32)
+            GH = np.empty((L, n), dtype=np.float32)
+            gh = np.empty(n, dtype=np.float32)
+            gy = np.empty(L, dtype=np.float32)
+            ys = np.empty(L, dtype=np.float32)
+            sg = np.empty(L, dtype=np.float32)
+            gs = np.empty(L, dtype=np.float32)
+            dt = np.empty(L, dtype=np.float32)
+            for c in range(ci * blk, min(d, (ci + 1) * blk)):
+                for t in range(L):
+                    zt = xz[bi, t, d + c]
+                    sg[t] = _sigmoid(zt)
+                    gs[t] = scale * gout[bi, t, c]
+                    gy[t] = gs[t] * zt * sg[t]
+                    ys[t] = 0.0
+                    gxz[bi, t, c] = 0.0
+                _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, gy, gu, gW, gA,
+                                   g_rows[bi, ci], dt, hs, da, GH, gh, ys, gD, gbias)
+                _scan_row_backward(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, gy, gub, gWb,
+                                   gAb, g_rowsb[bi, ci], dt, hs, da, GH, gh, ys, gDb, gbiasb)
+                for t in range(L):
+                    zt = xz[bi, t, d + c]
+                    gxz[bi, t, d + c] = gs[t] * ys[t] * sg[t] * (
+                        np.float32(1.0) + zt * (np.float32(1.0) - sg[t]))
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+class _ConvSilu(torch.autograd.Function):
+    """(xc, xcb) = silu(conv1d) of both directions from xz (b, L, 2d); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, xz: Tensor, w: Tensor, bias: Tensor, wb: Tensor, biasb: Tensor):
+        b, L, d2 = xz.shape
+        d = d2 // 2
+        wT, wbT = w[:, 0, :].t().contiguous(), wb[:, 0, :].t().contiguous()
+        xc, xcb = xz.new_empty(b, L, d), xz.new_empty(b, L, d)
+        _run("fused conv forward", _conv_forward_kernel, _np(xz), _np(wT), _np(bias), _np(wbT),
+             _np(biasb), xc.numpy(), xcb.numpy())
+        ctx.save_for_backward(xz, wT, bias, wbT, biasb)
+        ctx.weight_shape = w.shape
+        return xc, xcb
+
+    @staticmethod
+    def backward(ctx, g: Tensor, gb: Tensor):
+        xz, wT, bias, wbT, biasb = ctx.saved_tensors
+        b, L, d2 = xz.shape
+        d, K = d2 // 2, wT.shape[0]
+        g = torch.zeros_like(xz[..., :d]) if g is None else g.float()
+        gb = torch.zeros_like(xz[..., :d]) if gb is None else gb.float()
+        gp, gpb = xz.new_empty(b, L, d), xz.new_empty(b, L, d)
+        gxz = torch.empty_like(xz)
+        gw, gwb = xz.new_zeros(b, K, d), xz.new_zeros(b, K, d)
+        gbias, gbiasb = xz.new_zeros(b, d), xz.new_zeros(b, d)
+        _run("fused conv backward", _conv_backward_kernel, _np(xz), _np(wT), _np(bias), _np(wbT),
+             _np(biasb), _np(g), _np(gb), *[t.numpy() for t in (gp, gpb, gxz, gw, gwb, gbias, gbiasb)])
+        shape = ctx.weight_shape
+        return (gxz, gw.sum(0).t().reshape(shape), gbias.sum(0),
+                gwb.sum(0).t().reshape(shape), gbiasb.sum(0))
+
+
+class _ScanGate(torch.autograd.Function):
+    """out (b, L, d) = scale * (scan_fwd + scan_bwd) * silu(z); see the module docstring.
+
+    Inputs: xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias, biasb (as
+    :func:`_scan_forward_kernel`), then scale."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *tensors, scale = args
+        tensors = [t.contiguous() for t in tensors]
+        u = tensors[1]
+        out = u.new_empty(u.shape)
+        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
+             np.float32(scale), out.numpy())
+        ctx.save_for_backward(*tensors)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        tensors = ctx.saved_tensors
+        xz, u, W, A = tensors[0], tensors[1], tensors[9], tensors[11]
+        b, L, d = u.shape
+        n, R = A.shape[1], W.shape[1]
+        nblk = (d + D_BLOCK - 1) // D_BLOCK
+        gxz = torch.empty_like(xz)
+        gu, gub = torch.empty_like(u), torch.empty_like(u)
+        gW, gWb = u.new_zeros(b, d, R), u.new_zeros(b, d, R)
+        gA, gAb = u.new_zeros(b, d, n), u.new_zeros(b, d, n)
+        g_rows, g_rowsb = u.new_zeros(b, nblk, L, R + 2 * n), u.new_zeros(b, nblk, L, R + 2 * n)
+        gD, gDb, gbias, gbiasb = (u.new_zeros(b, d) for _ in range(4))
+        _run("fused scan backward", _scan_backward_kernel, *[_np(t) for t in tensors],
+             np.float32(ctx.scale), _np(gout.float()),
+             *[t.numpy() for t in (gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
+                                   gD, gDb, gbias, gbiasb)])
+        gdtr, gB, gC = g_rows.sum(1).split([R, n, n], dim=-1)
+        gdtrb, gBb, gCb = g_rowsb.sum(1).split([R, n, n], dim=-1)
+        return (gxz, gu, gub, gdtr.transpose(1, 2), gdtrb.transpose(1, 2), gB, gBb, gC, gCb,
+                gW.sum(0), gWb.sum(0), gA.sum(0),
+                gAb.sum(0), gD.sum(0), gDb.sum(0), gbias.sum(0), gbiasb.sum(0), None)
+
+
+def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, scale: float = 0.5,
+                     record: bool = False) -> tuple[Tensor, tuple[FusedScans, FusedScans] | None]:
+    """The bidirectional mixer between ``in_proj`` and ``out_proj``, fused on the CPU.
+
+    Args:
+        xz: ``in_proj(hidden)``, (B, L, 2 d_inner): x in the first d_inner channels, z after.
+        fwd, bwd: the two directions' parameters (:class:`Direction`); R = dt_proj's input width.
+        d_state: n, the state size (``x_proj`` gives R + 2n features: dt, B, C).
+        scale: 0.5 averages the directions (Vim's "div2"), 1.0 sums them (VideoMamba).
+        record: also return each direction's :class:`FusedScans` (token order, detached).
+    Returns:
+        (B, L, d_inner) ``scale * (y_fwd + flip(y_bwd))`` gated by ``silu(z)``, in ``xz``'s
+        dtype (computed in fp32), and the scans (None unless ``record``).
+    Raises:
+        ValueError: xz is not (B, L, 2 d_inner) for the parameters' d_inner, or x_proj's
+            output is not R + 2 d_state wide.
+    """
+    d = fwd.D.shape[0]
+    if xz.dim() != 3 or xz.shape[-1] != 2 * d:
+        raise ValueError(f"fused_bimamba_v2: xz must be (batch, tokens, {2 * d}) for d_inner {d}, "
+                         f"got {tuple(xz.shape)}")
+    R, n = fwd.dt_proj_weight.shape[1], d_state
+    if fwd.x_proj_weight.shape[0] != R + 2 * n:
+        raise ValueError(f"fused_bimamba_v2: x_proj gives {fwd.x_proj_weight.shape[0]} features, "
+                         f"expected dt_rank + 2 d_state = {R} + 2 * {n}")
+    x32 = xz.float()
+    xc, xcb = _ConvSilu.apply(x32, fwd.conv_weight.float(), fwd.conv_bias.float(),
+                              bwd.conv_weight.float(), bwd.conv_bias.float())
+    inputs: list[Tensor] = [x32, xc, xcb]
+    per_dir = []
+    for p, u in ((fwd, xc), (bwd, xcb)):
+        w = p.x_proj_weight.float()       # three products: dt (B, R, L), B, C (B, L, n), contiguous
+        per_dir.append([torch.matmul(w[:R], u.transpose(1, 2)).float(),      # .float(): under autocast
+                        F.linear(u, w[R:R + n]).float(), F.linear(u, w[R + n:]).float(),
+                        p.dt_proj_weight.float(), -torch.exp(p.A_log.float()), p.D.float(),
+                        p.dt_proj_bias.float()])
+    for a, b in zip(*per_dir):            # kernel order: forward's, backward's of each input
+        inputs += [a, b]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _ScanGate.apply(*inputs, float(scale))
+    else:                                 # inference: no graph; the output overwrites xc
+        tensors = [t.contiguous() for t in inputs]
+        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
+             np.float32(scale), xc.numpy())
+        out = xc
+    records = None
+    if record:
+        records = tuple(FusedScans(torch.matmul(w_dt, dtr).detach(),   # (B, d, L)
+                                   Bm.transpose(1, 2).detach(), Cm.transpose(1, 2).detach(), A.detach())
+                        for dtr, Bm, Cm, w_dt, A, _, _ in per_dir)
+    return out.to(xz.dtype), records
