@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vimerge
-from vimerge.models import vim as vim_module
+from vimerge.models import mamba as vim_module
 from vimerge.models.mamba import BiMambaMixer
 from vimerge.ops import Direction, fused_bimamba_v2, fused_mixer_reason
 
