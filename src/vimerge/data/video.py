@@ -218,7 +218,7 @@ def container_frame_count(path: str) -> tuple[int, int]:
     return recorded, estimated
 
 
-def read_frames(path: str, wanted: Sequence[int] | None = None, *, to_end: bool = True
+def read_frames(path: str | os.PathLike, wanted: Sequence[int] | None = None, *, to_end: bool = True
                 ) -> tuple[int, dict[int, Image.Image]]:
     """Decode a video: ``(frames decoded, {index: upright RGB PIL image})`` for the ``wanted``
     indices (None: none, only the count).

@@ -182,7 +182,7 @@ def fingerprint(study: Study, specs: list[Row], prepared: Prepared, shas: dict[s
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:16]
 
 
-def run_study(study: Study, output: str | Path, *, fresh: bool = False, progress: bool = True) -> dict:
+def run_study(study: Study, output: str | os.PathLike, *, fresh: bool = False, progress: bool = True) -> dict:
     """Run ``study`` and write ``results.json``, ``report.md`` and its figures to ``output``;
     returns the content of ``results.json``.
 
