@@ -78,8 +78,9 @@ FULL = Plan()
 QUICK = Plan(ratios=(0.28, 0.54), stm_own=(0.2, 0.4), order_ratios=(0.54,), test_images=1000,
              secondary_images=None, retrain_images=2000)
 
-# Throughput: 3 rounds of one batch of 64 test images per row (43 rows: about 20 s of the full
-# study on the idle 2-core machine, which keeps it within 10 minutes).
+# Throughput: 3 rounds (after 1 untimed forward) of one batch of 64 test images per row: 43 rows
+# x 4 x 64 = 11,008 images, estimated 15-45 s of the full study on the idle 2-core machine from
+# its evaluation rate (not measured idle yet; the study took 9 min 24 s before this stage).
 TIMING = TimingPlan(rounds=3, batch=64)
 
 FAMILIES = {   # family -> label in tables and plots
@@ -279,7 +280,8 @@ class ImageStudy(Study):
     families = FAMILIES
 
     def __init__(self, plan: Plan = FULL, *, data: str | None = None, checkpoint: str | None = None,
-                 train_base: bool = False, train_data=None, quick: bool = False, timing: TimingPlan | None = None):
+                 train_base: bool = False, train_data=None, quick: bool = False,
+                 timing: TimingPlan | None = None):
         self.plan, self.quick, self.timing = plan, quick, timing or TIMING
         self.data = str(Path(data).expanduser()) if data else DEFAULT_ROOT
         self.checkpoint, self.train_base, self.train_data = checkpoint, train_base, train_data
