@@ -413,7 +413,9 @@ class Reducer(Protocol):
     Implementations are dataclasses registered with ``vimerge.reduce.register_method``;
     their fields are the method's options. A method with random options may also offer
     ``rng_state() -> Tensor | None`` and ``set_rng_state(state)`` (re-training saves and
-    restores them for an exact resume).
+    restores them for an exact resume). A method defined only on some backbones offers
+    ``unsupported(model) -> str | None``: the reason it refuses ``model`` (None: it runs there);
+    ``vimerge.apply`` raises ValueError with that reason.
     """
     name: str
 

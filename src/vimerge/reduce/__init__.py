@@ -50,8 +50,9 @@ def apply(model: TokenModel, method: str | Reducer, **options: Any) -> Reducer |
 
     Raises:
         TypeError: ``model`` is not a token model.
-        ValueError: an unknown method or option, or a value the method refuses (the message
-            names it and what is allowed).
+        ValueError: an unknown method or option, a value the method refuses (the message
+            names it and what is allowed), or a method not defined on this backbone (the
+            reducer's ``unsupported(model)`` reason, e.g. a scan-based score on a DeiT).
     """
     if not isinstance(model, TokenModel):
         raise TypeError(f"vimerge.apply needs a vimerge token model (create_model), got {type(model).__name__}")
@@ -64,9 +65,19 @@ def apply(model: TokenModel, method: str | Reducer, **options: Any) -> Reducer |
     if reducer is None:
         remove(model)
         return None
+    reason = unsupported_reason(reducer, model)
+    if reason is not None:
+        raise ValueError(reason)
     model.record_blocks(())
     model.reduction = reducer
     return reducer
+
+
+def unsupported_reason(reducer: Reducer, model: TokenModel) -> str | None:
+    """Why ``reducer`` is not defined on ``model`` (None: it is): the reducer's optional
+    ``unsupported(model)`` (e.g. a method scoring tokens by the selective scan refuses a DeiT)."""
+    check = getattr(reducer, "unsupported", None)
+    return None if check is None else check(model)
 
 
 def remove(model: TokenModel) -> None:
@@ -91,6 +102,6 @@ def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
     return model.reduction.token_counts(n, model.depth, model.cls_index, model.reduction_site)
 
 
-__all__ = ["apply", "remove", "token_counts", "register_method", "option", "options_of", "list_methods",
+__all__ = ["apply", "remove", "token_counts", "unsupported_reason", "register_method", "option", "options_of", "list_methods",
            "parse_spec", "format_spec", "spec_of", "stored_spec", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
            "ratio_from_counts", "RMeeTo", "Prune", "STM", "TokenState", "Reducer"]
