@@ -318,10 +318,13 @@ class ScanRecord:
 class AttentionRecord:
     """What an attention block recorded in its last forward: the head-averaged queries, keys
     and values, each (B, N, head_dim), in token order (R-MeeTo's DeiT metrics Q, K, V, as
-    ``q.mean(dim=1)`` in its official ``vit.py``; ToMe matches on the keys)."""
+    ``q.mean(dim=1)`` in its official ``vit.py``; ToMe matches on the keys), and ``attn`` (B, N, N),
+    the head-averaged attention probabilities (row: the query; EViT's class-token attentiveness is
+    the class token's row), detached."""
     q: Tensor
     k: Tensor
     v: Tensor
+    attn: Tensor | None = None
 
 
 @dataclass

@@ -82,9 +82,10 @@ class Attention(nn.Module):
         logits = (q * self.scale) @ k.transpose(-2, -1)                 # (B, H, N, N)
         if log_size is not None:
             logits = logits + log_size[:, None, None, :].to(logits.dtype)
-        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        probs = logits.softmax(dim=-1)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, c)
         if self.record:
-            self.last_record = AttentionRecord(q.mean(1), k.mean(1), v.mean(1))
+            self.last_record = AttentionRecord(q.mean(1), k.mean(1), v.mean(1), probs.detach().mean(1))
         return self.proj(out)
 
 

@@ -37,12 +37,12 @@ from ..tokens import (
     check_convention,
     merge_state,
     protected_positions,
-    protected_slots,
     ratio_from_counts,
     token_frames,
 )
 from .registry import option, register_method
 from .schedule import bipartite_capacity, check_r, r_for_ratio, token_counts
+from .select import insert_protected, without_protected
 
 DISTANCES = ("cosine", "l1", "l2")
 GROUPINGS = ("odd-even", "front-behind", "random")
@@ -83,47 +83,6 @@ def _scores(a: Tensor, b: Tensor, distance: str) -> Tensor:
     if distance == "cosine":
         return a @ b.transpose(-1, -2)
     return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
-
-
-def _without(x: Tensor, kept: Sequence[int]) -> Tensor:
-    """(B, N, C) without the protected tokens ``kept`` (a view for one at the first or the last place)."""
-    if len(kept) > 1:
-        return x[:, _others(x.shape[1], kept, x.device)]
-    index = kept[0]
-    if index == 0:
-        return x[:, 1:]
-    if index == x.shape[1] - 1:
-        return x[:, :-1]
-    return torch.cat([x[:, :index], x[:, index + 1:]], dim=1)
-
-
-def _others(n: int, kept: Sequence[int], device) -> Tensor:
-    """(n - len(kept),) the positions that are not protected, in order."""
-    mask = torch.ones(n, dtype=torch.bool, device=device)
-    mask[list(kept)] = False
-    return mask.nonzero().squeeze(1)
-
-
-def _insert_protected(slot_rest: Tensor, cls_index: int, kept: Sequence[int], n: int, num_out: int
-                      ) -> tuple[Tensor, int]:
-    """The full (B, n) slot map from the slots of the other tokens among themselves (-1:
-    dropped), the protected tokens put back at :func:`~vimerge.tokens.protected_slots`; also
-    the class token's new index. One protected token (the class token): R-MeeTo's
-    ``cls * (N - r) // N``."""
-    bsz, dev = slot_rest.shape[0], slot_rest.device
-    if len(kept) == 1:
-        new_cls = cls_index * num_out // n
-        slot_rest = torch.where(slot_rest >= new_cls, slot_rest + 1, slot_rest)
-        slot = torch.cat([slot_rest[:, :cls_index], torch.full((bsz, 1), new_cls, device=dev),
-                          slot_rest[:, cls_index:]], dim=1)
-        return slot, new_cls
-    targets = protected_slots(kept, n, num_out)
-    free = _others(num_out, targets, dev)                                  # output places of the others
-    placed = torch.where(slot_rest >= 0, free[slot_rest.clamp_min(0)], slot_rest)
-    slot = torch.empty(bsz, n, dtype=torch.long, device=dev)
-    slot[:, _others(n, kept, dev)] = placed
-    slot[:, list(kept)] = torch.tensor(targets, device=dev)
-    return slot, targets[list(kept).index(cls_index)]
 
 
 def _full_precision(device: torch.device):
@@ -168,7 +127,7 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
     A, B = _groups(m, grouping, generator, dev)
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))   # fp64 stays fp64
-        rest = _without(metric, guarded)
+        rest = without_protected(metric, guarded)
         if grouping == "odd-even":       # strided views: no gather of the two halves (VideoMamba: 1568 tokens)
             scores = _scores(rest[:, 0::2], rest[:, 1::2], distance)        # (B, |A|, |B|)
         else:
@@ -201,7 +160,7 @@ def bipartite_plan(metric: Tensor, cls_index: int, r: int, *, distance: str = "c
         slot_rest.scatter_(1, kept_pos, rank[:, B.numel():])
         if not prune:
             slot_rest.scatter_(1, A[src], slot_rest[:, B].gather(1, dst))
-        slot, new_cls = _insert_protected(slot_rest, cls_index, guarded, n, n - r)
+        slot, new_cls = insert_protected(slot_rest, cls_index, guarded, n, n - r)
     return MergePlan(slot, n - r, new_cls)
 
 
@@ -228,8 +187,8 @@ def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, dista
     dev = metric.device
     with torch.no_grad(), _full_precision(dev):
         metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
-        rest = _without(metric, guarded)
-        g = _without(groups.unsqueeze(-1), guarded).squeeze(-1).to(dev, torch.long)
+        rest = without_protected(metric, guarded)
+        g = without_protected(groups.unsqueeze(-1), guarded).squeeze(-1).to(dev, torch.long)
         pos = torch.arange(m, device=dev).expand(bsz, m)
         order = (g * m + pos).argsort(dim=1)                                # by group, then position
         sorted_g = g.gather(1, order)
@@ -266,7 +225,7 @@ def scoped_plan(metric: Tensor, groups: Tensor, cls_index: int, r: int, *, dista
         slot_rest = torch.where(kept, kept.long().cumsum(1) - 1, torch.full_like(pos, -1))
         if not prune:
             slot_rest.scatter_(1, src_pos, slot_rest.gather(1, dst_pos))
-        slot, new_cls = _insert_protected(slot_rest, cls_index, guarded, n, n - r)
+        slot, new_cls = insert_protected(slot_rest, cls_index, guarded, n, n - r)
     return MergePlan(slot, n - r, new_cls)
 
 
