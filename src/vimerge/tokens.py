@@ -80,6 +80,12 @@ class TokenState:
             same for every image; None means ``(cls_index,)`` (one class token). Reducers plan
             on the other tokens only and put the protected ones back in order
             (:func:`protected_slots`); :func:`merge_state` carries the plan's new positions.
+        gaps: (B, N, 2) optional float: how many original positions were pruned right before
+            each token in the forward scan (``[..., 0]``, between it and the previous token) and
+            right after it (``[..., 1]``, the backward scan), for a method that keeps the pruned
+            positions' decay in the scan (ToP-ViM's hidden-state alignment); a Mamba block
+            passes it to its mixer (:class:`~vimerge.models.mamba.BiMambaMixer`). None: no gaps.
+            Set by that method after each of its steps; :func:`merge_state` leaves it None.
     """
     hidden: Tensor
     residual: Tensor | None
@@ -89,6 +95,7 @@ class TokenState:
     layer: int = 0
     coords: Tensor | None = None
     protected: tuple[int, ...] | None = None
+    gaps: Tensor | None = None
 
     @classmethod
     def start(cls, tokens: Tensor, cls_index: int, track_source: bool = False,
@@ -126,7 +133,7 @@ class TokenState:
         """A copy with some fields changed (the tensors are shared, not copied)."""
         fields = dict(hidden=self.hidden, residual=self.residual, size=self.size,
                       cls_index=self.cls_index, source=self.source, layer=self.layer, coords=self.coords,
-                      protected=self.protected)
+                      protected=self.protected, gaps=self.gaps)
         fields.update(changes)
         return TokenState(**fields)
 
@@ -250,7 +257,7 @@ def merge_state(state: TokenState, plan: MergePlan, mode: str = "sum", weight: T
     return state.replace(hidden=hidden.to(state.hidden.dtype),
                          residual=None if residual is None else residual.to(state.residual.dtype),
                          size=size, cls_index=plan.cls_index, source=source, coords=coords,
-                         protected=protected)
+                         protected=protected, gaps=None)
 
 
 def _protected_after(state: TokenState, plan: MergePlan) -> tuple[int, ...]:

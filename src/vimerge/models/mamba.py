@@ -79,11 +79,14 @@ class BiMambaMixer(nn.Module):
         with torch.no_grad():  # inverse of softplus, so softplus(bias) = dt
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _direction(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
+    def _direction(self, x: Tensor, z: Tensor, backward: bool, stretch: Tensor | None = None) -> Tensor:
         """One scan direction on (B, d_inner, N) inputs (already flipped for backward).
 
         With ``self.record`` on, keeps this direction's scan inputs as a
-        :class:`~vimerge.tokens.ScanRecord` (flipped back to the token order).
+        :class:`~vimerge.tokens.ScanRecord` (flipped back to the token order). ``stretch``
+        (B, 1, N), in this direction's order: each token's state decay is taken over
+        ``stretch`` time steps, ``h_t = exp(stretch_t dt_t A) h_{t-1} + dt_t B_t u_t`` (the
+        input term unchanged): :meth:`forward`'s ``gaps``.
         """
         sfx = "_b" if backward else ""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
@@ -102,7 +105,7 @@ class BiMambaMixer(nn.Module):
         return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2),
                               getattr(self, "D" + sfx).float(), z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                              backend=self.scan_backend)
+                              backend=self.scan_backend, decay_scale=stretch)
 
     def _forward_fused(self, hidden: Tensor) -> Tensor:
         """:meth:`forward` through :func:`vimerge.ops.fused_bimamba_v2` (same values and records)."""
@@ -117,16 +120,25 @@ class BiMambaMixer(nn.Module):
                                              for s, p in zip(scans, (fwd, bwd))), y.detach().transpose(1, 2))
         return self.out_proj(y)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, gaps: Tensor | None = None) -> Tensor:
         """(B, N, E) -> (B, N, E): the fused CPU kernels when ``self.fused`` and the scan backend
-        resolves to numba on CPU (:func:`vimerge.ops.fused_mixer_reason`), else step by step."""
-        if self.fused and fused_mixer_reason(hidden, self.scan_backend) is None:
+        resolves to numba on CPU (:func:`vimerge.ops.fused_mixer_reason`), else step by step.
+
+        ``gaps`` (B, N, 2) (:attr:`vimerge.tokens.TokenState.gaps`): pruned positions before
+        (``[..., 0]``) and after (``[..., 1]``) each token; each direction's scan then decays the
+        state of token t over ``1 + gap`` steps of its own time step, as if the pruned positions
+        were still there with no input (ToP-ViM's hidden-state alignment, our form: the
+        released code has no alignment). Always step by step (any scan backend).
+        """
+        if gaps is None and self.fused and fused_mixer_reason(hidden, self.scan_backend) is None:
             return self._forward_fused(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2 d_inner, N)
         x, z = xz.chunk(2, dim=1)
         self._scans = []
-        y = self._direction(x, z, backward=False)
-        y_b = self._direction(x.flip(-1), z.flip(-1), backward=True)
+        stretch = None if gaps is None else 1 + gaps.float().transpose(1, 2)    # (B, 2, N)
+        y = self._direction(x, z, backward=False, stretch=None if stretch is None else stretch[:, :1])
+        y_b = self._direction(x.flip(-1), z.flip(-1), backward=True,
+                              stretch=None if stretch is None else stretch[:, 1:].flip(-1))
         y = y + y_b.flip(-1)                                               # (B, d_inner, N)
         if self.average:
             y = y / 2
@@ -145,10 +157,12 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(dim, eps)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Tensor | None, gaps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``gaps``: see :meth:`BiMambaMixer.forward` (None: the plain mixer)."""
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()
-        return self.mixer(self.norm(residual)), residual
+        normed = self.norm(residual)
+        return (self.mixer(normed) if gaps is None else self.mixer(normed, gaps)), residual
 
 
 Block = MambaBlock
@@ -267,7 +281,7 @@ class MambaTrunk(nn.Module):
             state.layer = i
             if reducer is not None:
                 state = reducer.reduce(state, self)
-            state.hidden, state.residual = block(state.hidden, state.residual)
+            state.hidden, state.residual = block(state.hidden, state.residual, state.gaps)
         return state
 
     def final_residual(self, state: TokenState) -> Tensor:

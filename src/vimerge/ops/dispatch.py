@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import chunked, mamba_ssm, numba_cpu, recompute, reference, triton  # noqa: F401  (each registers its backend)
@@ -82,7 +83,7 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Tensor | None = None, z: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", decay_scale: Tensor | None = None) -> Tensor:
     """Selective scan (Mamba S6), shapes as in ``mamba_ssm.selective_scan_fn``.
 
     Args:
@@ -94,12 +95,30 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         z: gate (batch, d, L), optional; the output is multiplied by ``silu(z)``.
         delta_bias: (d,) added to delta; ``delta_softplus`` applies softplus after it.
         backend: ``"auto"`` or a name from :func:`available_backends`.
+        decay_scale: (batch, 1 or d, L) >= 1, optional: the state decays over ``decay_scale``
+            time steps while the input term keeps one, ``h_t = exp(s_t dt_t A) h_{t-1} + dt_t B_t
+            u_t`` (``s = decay_scale``, ``dt`` after bias and softplus): ``s_t - 1`` positions
+            without input before ``t``, each with ``t``'s time step (ToP-ViM's hidden-state
+            alignment, see ``BiMambaMixer.forward``). Any backend: it runs the plain scan on
+            ``u / s`` with time steps ``s dt`` and adds the ``D`` term and the gate itself.
     Returns:
         (batch, d, L) in the dtype of ``u``; computed in fp32 whatever the input dtype.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    be = resolve_backend(backend, u.device)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    if decay_scale is not None:
+        if decay_scale.dim() != 3 or decay_scale.shape[0] != u.shape[0] or decay_scale.shape[-1] != u.shape[-1] \
+                or decay_scale.shape[1] not in (1, u.shape[1]):
+            raise ValueError(f"decay_scale must be (batch, 1 or d, L) = ({u.shape[0]}, 1 or {u.shape[1]}, "
+                             f"{u.shape[-1]}), got {tuple(decay_scale.shape)}")
+        dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
+        dt = (F.softplus(dt) if delta_softplus else dt) * decay_scale.float()
+        uf = u.float()
+        y = selective_scan(uf / decay_scale.float(), dt, A, B, C, backend=backend)
+        if D is not None:
+            y = y + uf * D.float()[:, None]
+        return (y if z is None else y * F.silu(z.float())).to(u.dtype)
+    be = resolve_backend(backend, u.device)
     out = be.fn(f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z),
                 f32(delta_bias), delta_softplus)
     return out.to(u.dtype)

@@ -7,7 +7,8 @@
 >>> vimerge.remove(model)                      # back to the unreduced model
 
 Methods (one file each, registered with :func:`register_method`): ``rmeeto`` (R-MeeTo
-merging), ``prune`` (its pruning baseline), ``stm`` (Sequential Token Merging). A reduction is
+merging), ``prune`` (its pruning baseline), ``stm`` (Sequential Token Merging), ``topvim``
+(ToP-ViM pruning with hidden-state alignment). A reduction is
 written as one spec string everywhere (:func:`parse_spec`, :func:`format_spec`,
 :func:`spec_of`). ``ratio`` is the mean-token reduction ratio for every method.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..tokens import Reducer, TokenModel, TokenState, protected_positions, ratio_from_counts
-from . import prune, rmeeto, stm  # noqa: F401  (each registers its method)
+from . import prune, rmeeto, stm, topvim  # noqa: F401  (each registers its method)
 from .prune import Prune
 from .registry import (
     METHODS,
@@ -35,6 +36,7 @@ from .registry import (
 from .rmeeto import RMeeTo
 from .schedule import r_for_ratio, reduction_ratio
 from .stm import STM
+from .topvim import ToPViM
 
 
 def apply(model: TokenModel, method: str | Reducer, **options: Any) -> Reducer | None:
@@ -104,4 +106,4 @@ def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
 
 __all__ = ["apply", "remove", "token_counts", "unsupported_reason", "register_method", "option", "options_of", "list_methods",
            "parse_spec", "format_spec", "spec_of", "stored_spec", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
-           "ratio_from_counts", "RMeeTo", "Prune", "STM", "TokenState", "Reducer"]
+           "ratio_from_counts", "RMeeTo", "Prune", "STM", "ToPViM", "TokenState", "Reducer"]

@@ -120,10 +120,10 @@ def keep_plan(score: Tensor, cls_index: int, kept: Sequence[int], k: int, *, ord
 
 def scaled_layers(published: Sequence[int], published_depth: int, depth: int, first: int) -> list[int]:
     """A published list of reducing blocks moved to a model of ``depth`` blocks: block ``l`` of a
-    ``published_depth``-block model becomes ``round(l * depth / published_depth)``, at least
+    ``published_depth``-block model becomes ``l * depth / published_depth`` rounded half up, at least
     ``first`` and at most ``depth - 1``, duplicates removed (ToP-ViM's 5, 10, 15 of 24 blocks
     -> 2, 3, 5 of 8)."""
-    out = sorted({min(depth - 1, max(first, round(l * depth / published_depth))) for l in published})
+    out = sorted({min(depth - 1, max(first, math.floor(l * depth / published_depth + 0.5))) for l in published})
     return [l for l in out if 0 <= l < depth]
 
 
