@@ -14,6 +14,7 @@ import toy_method  # noqa: F401  (registers "keepfirst" the way a user's module 
 import vimerge
 from conftest import write_fashion_idx
 from vimerge.cli import main
+from vimerge.measure.flops import reduction_flops
 from vimerge.models import get_preset, list_models, model_defaults
 from vimerge.ops import available_backends
 from vimerge.reduce import build, list_methods, parse_spec, spec_of, unsupported_reason
@@ -319,7 +320,7 @@ def test_method_contract(name, method):
     assert mixer_lengths(model, x) == counts                        # what the mixers really see
     assert abs(ratio_from_counts(counts, model.num_tokens) - 0.25) <= 0.03  # ratio: one meaning
     # FLOPs: the backbone at these counts (additive over blocks) plus the method's own cost
-    own = reducer.flops(counts, model.num_tokens, model.embed_dim, "paper")
+    own = reduction_flops(model, counts, "paper")      # reducer.flops (+ the site where it asks)
     assert own >= 0
     assert vimerge.count_flops(model) == pytest.approx(model.flops(counts) + own, rel=1e-12)
     if model.reduction_site == "before_mixer":      # a Mamba block's cost depends on its own count only

@@ -13,6 +13,8 @@ reproduces its Table 2 (Vim-Ti/S/B: 1.45 / 5.08 / 18.87 GFLOPs; with R-MeeTo r =
 
 from __future__ import annotations
 
+import inspect
+
 from ..reduce import token_counts
 from ..tokens import check_convention, ratio_from_counts
 
@@ -35,10 +37,19 @@ def count_flops(model, convention: str = "paper", num_tokens: int | None = None)
     check_convention(convention)
     n0 = model.num_tokens if num_tokens is None else num_tokens
     counts = token_counts(model, n0)
-    total = model.flops(counts, convention)
-    if model.reduction is not None:
-        total += model.reduction.flops(counts, n0, model.embed_dim, convention)
-    return float(total)
+    return float(model.flops(counts, convention) + reduction_flops(model, counts, convention, n0))
+
+
+def reduction_flops(model, counts, convention: str = "paper", num_tokens: int | None = None) -> float:
+    """What the active reduction itself computes per image at these token counts (0 without one):
+    ``reducer.flops(counts, num_tokens, embed_dim, convention)``, with ``site=model.reduction_site``
+    for a reducer whose score costs differ between a Mamba and a Transformer (``evit``)."""
+    if model.reduction is None:
+        return 0.0
+    own = model.reduction.flops
+    site = {"site": model.reduction_site} if "site" in inspect.signature(own).parameters else {}
+    n0 = model.num_tokens if num_tokens is None else num_tokens
+    return float(own(counts, n0, model.embed_dim, convention, **site))
 
 
 def model_cost(model) -> dict:

@@ -9,7 +9,7 @@
 Methods (one file each, registered with :func:`register_method`): ``rmeeto`` (R-MeeTo
 merging), ``prune`` (its pruning baseline), ``stm`` (Sequential Token Merging), ``topvim``
 (ToP-ViM pruning with hidden-state alignment), ``mtr`` (MTR, merging scored by the scan's time
-step). A reduction is
+step), ``evit`` (token recognition: EViT's keep-the-attentive-and-fuse-the-rest). A reduction is
 written as one spec string everywhere (:func:`parse_spec`, :func:`format_spec`,
 :func:`spec_of`). ``ratio`` is the mean-token reduction ratio for every method.
 """
@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..tokens import Reducer, TokenModel, TokenState, protected_positions, ratio_from_counts
-from . import mtr, prune, rmeeto, stm, topvim  # noqa: F401  (each registers its method)
+from . import evit, mtr, prune, rmeeto, stm, topvim  # noqa: F401  (each registers its method)
+from .evit import EViT
 from .mtr import MTR
 from .prune import Prune
 from .registry import (
@@ -108,4 +109,4 @@ def token_counts(model: TokenModel, num_tokens: int | None = None) -> list[int]:
 
 __all__ = ["apply", "remove", "token_counts", "unsupported_reason", "register_method", "option", "options_of", "list_methods",
            "parse_spec", "format_spec", "spec_of", "stored_spec", "build", "METHODS", "NONE", "reduction_ratio", "r_for_ratio",
-           "ratio_from_counts", "RMeeTo", "Prune", "STM", "ToPViM", "MTR", "TokenState", "Reducer"]
+           "ratio_from_counts", "RMeeTo", "Prune", "STM", "ToPViM", "MTR", "EViT", "TokenState", "Reducer"]
