@@ -36,7 +36,8 @@ from vimerge.demo import (
     resolve_base,
     run_study,
 )
-from vimerge.demo.image_figures import style
+from vimerge.demo.image import COMPARED
+from vimerge.demo.image_figures import methods_table, style
 from vimerge.demo.report import plot_accuracy_vs_ratio, rows_table
 from vimerge.demo.stats import (
     compare,
@@ -48,7 +49,7 @@ from vimerge.demo.stats import (
     verdict,
 )
 from vimerge.demo.timing import TimingPlan, protocol_text, time_rows
-from vimerge.reduce import format_spec, parse_spec
+from vimerge.reduce import build, format_spec, parse_spec
 from vimerge.reduce.stm import STM, settings_for_mean_ratio
 
 HAVE_FMNIST = is_fashion_mnist_dir(DEFAULT_ROOT)
@@ -94,8 +95,9 @@ def test_full_plan_rows():
     rows = plan_rows(FULL, 50, 8)
     keys = [r.key for r in rows]
     # Vim: baseline, pruning and merging at 4 ratios, 2 shuffled; the same 11 on DeiT; STM 2 x 8;
-    # re-trained at 0.54: merging, pruning, Vim shuffled, DeiT ordered and shuffled
-    assert len(keys) == len(set(keys)) == 11 + 11 + 2 * (4 + 4) + 5
+    # re-trained at 0.54: merging, pruning, Vim shuffled, DeiT ordered and shuffled; the other
+    # methods (ToP-ViM aligned and plain, token recognition, MTR) at 4 ratios
+    assert len(keys) == len(set(keys)) == 11 + 11 + 2 * (4 + 4) + 5 + 4 * 4
     spec = {r.key: parse_spec(r.reduce) for r in rows}
     for r in rows:     # every row is one canonical reduction spec
         assert format_spec(*spec[r.key]) == r.reduce
@@ -122,9 +124,46 @@ def test_full_plan_rows():
     assert spec["deit-rmeeto-shuffled@0.54"] == ("rmeeto", {"r": [0, 8, 8, 8, 8, 8, 8, 8], "ordered": False})
     assert {r.model for r in rows if r.family.startswith("deit-")} == {"deit_fmnist"}
     assert {r.model for r in rows if not r.family.startswith("deit-")} == {"vim_fmnist"}
-    assert {r.family for r in rows if r.data == "secondary"} == {"stm-hsp", "stm-bnnm", "rmeeto-shuffled"}
+    assert {r.family for r in rows if r.data == "secondary"} == {"stm-hsp", "stm-bnnm", "rmeeto-shuffled", "topvim",
+                                                                  "topvim-plain", "evit", "mtr"}
     assert [r.key for r in rows if r.unreduced] == ["baseline", "deit-baseline"]
-    assert len(plan_rows(QUICK, 50, 8)) == 6 + 6 + 2 * (2 + 2) + 2 + 3
+    assert len(plan_rows(QUICK, 50, 8)) == 6 + 6 + 2 * (2 + 2) + 2 + 3 + 4 * 2
+
+
+def test_every_method_row_sees_rmeetos_tokens_per_block():
+    """The comparison is at equal tokens: each method row's reducer gives exactly the token counts
+    of the R-MeeTo row at its ratio (50 tokens, 8 blocks, interval 1; r = 8 is capped at the end:
+    50 42 34 26 18 10 6 4)."""
+    rows = {r.key: r for r in plan_rows(FULL, 50, 8)}
+    assert parse_spec(rows["mtr@0.54"].reduce) == ("mtr", {"r": [0, 8, 8, 8, 8, 8, 4, 2]})
+    assert parse_spec(rows["topvim-plain@0.28"].reduce) == ("topvim", {"r": [0, 4, 4, 4, 4, 4, 4, 4], "align": False})
+    assert parse_spec(rows["topvim@0.28"].reduce) == ("topvim", {"r": [0, 4, 4, 4, 4, 4, 4, 4]})
+    for t in FULL.ratios:
+        want = build(rows[f"rmeeto@{t:g}"].reduce).token_counts(50, 8)
+        for fam in ("topvim", "topvim-plain", "evit", "mtr"):
+            assert build(rows[f"{fam}@{t:g}"].reduce).token_counts(50, 8) == want, (fam, t)
+    assert build(rows["rmeeto@0.54"].reduce).token_counts(50, 8) == [50, 42, 34, 26, 18, 10, 6, 4]
+
+
+def test_methods_table_and_claims_by_hand():
+    n = 400
+    good, bad = np.zeros(n, bool), np.zeros(n, bool)
+    good[:300], bad[:200] = True, True
+    rows = [_row("baseline", np.ones(n, bool), target_ratio=None, gflops_paper=0.2)] + [
+        _row(f"{fam}@0.28", mask, gflops_paper=0.1) for fam, mask in
+        (("rmeeto", good), ("prune", bad), ("mtr", good), ("topvim", bad), ("topvim-plain", good))]
+    found = {c["claim"]: c for c in claims(rows)}
+    assert found["MTR beats pruning without training"]["verdict"] == "reproduced"          # 75% vs 50%
+    assert found["MTR beats ToP-ViM without training"]["verdict"] == "reproduced"
+    assert found["ToP-ViM's hidden-state alignment beats plain pruning with the same scores"]["verdict"] == \
+        "not reproduced"                                                                   # 50% vs 75%
+    table = methods_table(rows, FAMILIES, COMPARED)
+    lines = table.splitlines()
+    # R-MeeTo has no difference to itself; pruning: -25 points, 2 s.e. = 2 * 2.165 (see above), significant
+    assert any("R-MeeTo (merge)" in line and line.rstrip(" |").endswith("-") for line in lines)
+    assert any("Pruning" in line and f"-25.00 ± {2 * np.sqrt(75) / 4:.2f} (-)" in line for line in lines)
+    assert any("MTR" in line and "+0.00 ± 0.00" in line for line in lines)
+    assert not any("Token recognition" in line for line in lines)                   # no row: no line
 
 
 def test_demo_does_not_import_the_command_line():

@@ -29,6 +29,7 @@ from vimerge.data import make_loader
 from vimerge.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, FashionMNISTNotFound, find_file, read_idx
 from vimerge.models import create_backbone
 from vimerge.reduce import format_spec
+from vimerge.reduce.rmeeto import RMeeTo
 from vimerge.reduce.schedule import r_for_ratio, reduction_ratio
 from vimerge.reduce.stm import settings_for_mean_ratio
 from vimerge.train import RetrainConfig
@@ -36,8 +37,10 @@ from vimerge.train import RetrainConfig
 from .base import resolve_base
 from .image_figures import (
     draw_merges,
+    methods_table,
     plot_accuracy_vs_ratio,
     plot_accuracy_vs_speed,
+    plot_methods,
     plot_transformer_vs_mamba,
     retrain_table,
     transformer_table,
@@ -57,7 +60,9 @@ class Plan:
     ``secondary_images``: the test images of the secondary rows (STM, R-MeeTo shuffled without
     re-training), to keep the full study within 10 minutes (comparisons pair the images both
     rows saw); ``retrain_images``: training images of one re-training run (one pass, AdamW
-    ``retrain_lr`` cosine to 1e-5, batch ``retrain_batch``)."""
+    ``retrain_lr`` cosine to 1e-5, batch ``retrain_batch``); ``methods``: the other methods
+    (ToP-ViM aligned and plain, token recognition, MTR) at R-MeeTo's tokens per block at every
+    ratio, as secondary rows."""
     ratios: tuple[float, ...] = (0.14, 0.28, 0.42, 0.54)
     stm_own: tuple[float, ...] = (0.15, 0.2, 0.3, 0.4)
     order_ratios: tuple[float, ...] = (0.28, 0.54)
@@ -66,6 +71,7 @@ class Plan:
     transformer: bool = True
     test_images: int | None = None
     secondary_images: int | None = 2000
+    methods: bool = True
     retrain_images: int = 8000
     retrain_lr: float = 1e-3
     retrain_batch: int = 64
@@ -90,6 +96,10 @@ FAMILIES = {   # family -> label in tables and plots
     "rmeeto-shuffled": "R-MeeTo, odd-even shuffled",
     "stm-bnnm": "STM: BNNM",
     "stm-hsp": "STM: BNNM + HSP",
+    "topvim": "ToP-ViM (aligned)",
+    "topvim-plain": "ToP-ViM plain pruning",
+    "evit": "Token recognition (EViT)",
+    "mtr": "MTR",
     "rmeeto-retrained": "R-MeeTo re-trained",
     "prune-retrained": "Pruning re-trained",
     "rmeeto-shuffled-retrained": "R-MeeTo shuffled, re-trained",
@@ -100,6 +110,12 @@ FAMILIES = {   # family -> label in tables and plots
     "deit-rmeeto-retrained": "DeiT R-MeeTo re-trained",
     "deit-rmeeto-shuffled-retrained": "DeiT R-MeeTo shuffled, re-trained",
 }
+
+
+# the other methods of the comparison: family, method, options beside the per-block r list
+METHOD_ROWS = (("topvim", "topvim", {}), ("topvim-plain", "topvim", {"align": False}), ("evit", "evit", {}),
+               ("mtr", "mtr", {}))
+COMPARED = ("rmeeto", "prune", "stm-hsp", "stm-bnnm", "topvim", "topvim-plain", "evit", "mtr")
 
 
 def family_model(family: str) -> str:
@@ -134,6 +150,15 @@ def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[Row]:
     for t in plan.order_ratios:
         setting, spec = rmeeto(t, ordered=False)
         rows.append(_row(f"rmeeto-shuffled@{t:g}", "rmeeto-shuffled", setting, t, spec, secondary=True))
+    if plan.methods:      # every other method at exactly R-MeeTo's tokens per block
+        for t in plan.ratios:
+            r = r_for_ratio(t, num_tokens, depth, INTERVAL)
+            counts = RMeeTo(r=r, interval=INTERVAL).token_counts(num_tokens, depth)
+            removed = [p - c for p, c in zip([num_tokens, *counts[:-1]], counts)]
+            setting = f"ratio {t:g}, R-MeeTo's tokens (r={r})"
+            for fam, method, extra in METHOD_ROWS:
+                rows.append(_row(f"{fam}@{t:g}", fam, setting, t, format_spec(method, {"r": removed, **extra}),
+                                 secondary=True))
     if plan.transformer:
         rows.append(_row("deit-baseline", "deit-baseline", "no reduction", None, "none"))
         for t in plan.ratios:
@@ -218,6 +243,15 @@ def claims(rows: list[dict]) -> list[dict]:
                       "STM Table 2, Vim-Ti/S/B at 20% reduction", pairs(by, "stm-hsp", "rmeeto", targets),
                       "STM (BNNM+HSP)", "R-MeeTo",
                       lambda a, b: f"; mean-token ratios {a['reduction_ratio']:.3f} and {b['reduction_ratio']:.3f}"),
+        compare_claim("ToP-ViM's hidden-state alignment beats plain pruning with the same scores",
+                      "ToP-ViM ablation, Vim-S fine-tuned: 75.4 without, 78.8 with; training-free here",
+                      pairs(by, "topvim", "topvim-plain", targets), "aligned", "plain"),
+        compare_claim("MTR beats pruning without training", "MTR (arXiv 2507.14042): ViM-B at -40% FLOPs, "
+                      "MTR -1.6 top-1 against ToP-ViM's alignment -4.2; here against R-MeeTo's pruning",
+                      pairs(by, "mtr", "prune", targets), "MTR", "pruning"),
+        compare_claim("MTR beats ToP-ViM without training", "MTR (arXiv 2507.14042): ViM-B at -40% FLOPs, "
+                      "MTR -1.6, ToP-ViM (HSA) -4.2 top-1", pairs(by, "mtr", "topvim", targets), "MTR",
+                      "ToP-ViM aligned"),
         compare_claim("Hidden-state protection improves on plain BNNM merging", "STM Sec. 4.2",
                       [(f"{by[f'stm-hsp@{k}']['setting']} (mean-token ratio "
                         f"{by[f'stm-hsp@{k}']['reduction_ratio']:.3f})", by[f"stm-hsp@{k}"], by[f"stm-bnnm@{k}"])
@@ -345,6 +379,9 @@ class ImageStudy(Study):
         files = [("accuracy_vs_ratio.png", "accuracy against reduction ratio")]
         plot_accuracy_vs_speed(rows, FAMILIES, out / "accuracy_vs_speed.png")
         files.append(("accuracy_vs_speed.png", "accuracy against speed"))
+        if self.plan.methods:
+            plot_methods(rows, FAMILIES, COMPARED, out / "methods.png")
+            files.append(("methods.png", "every method at equal tokens"))
         if self.plan.transformer:
             plot_transformer_vs_mamba(rows, out / "transformer_vs_mamba.png")
             files.append(("transformer_vs_mamba.png", "accuracy drop, Vim and DeiT"))
@@ -385,6 +422,14 @@ class ImageStudy(Study):
                     f"evaluated on the first {setup['secondary_images']} test images only, to keep the study within "
                     "10 minutes; comparisons pair the images both rows saw."
                     if setup.get("secondary_images") and secondary else ""), ""]
+        if any(r["family"] in ("topvim", "evit", "mtr") for r in rows):
+            lines += ["## Every method at equal tokens", "",
+                      "Training-free, on exactly R-MeeTo's tokens per block at each ratio (each method given "
+                      "R-MeeTo's per-block removals as its `r` list): ToP-ViM (`topvim`, aligned and `align=false`), "
+                      "token recognition (`evit`, EViT's keep-and-fuse with the class token's hidden attention), "
+                      "MTR (`mtr`), R-MeeTo's pruning and STM (at the same mean-token ratio). GFLOPs: one count "
+                      "for all (the paper convention, each method's own scoring included).", "",
+                      methods_table(rows, FAMILIES, COMPARED), ""]
         transformer = transformer_table(rows)
         if transformer:
             by = {r["key"]: r for r in rows}

@@ -3,7 +3,8 @@ table, accuracy against reduction ratio and against throughput, the Fig. 1a drop
 merged-token figure.
 
 One look tells every row of the plots apart (:func:`style`): colour is the method (pruning,
-R-MeeTo, R-MeeTo shuffled, STM BNNM, STM BNNM+HSP), fill the model (filled: Vim, hollow: DeiT),
+R-MeeTo, R-MeeTo shuffled, STM BNNM, STM BNNM+HSP, ToP-ViM aligned and plain, token recognition,
+MTR; the last four with a marker of their own too), fill the model (filled: Vim, hollow: DeiT),
 marker the stage (circle: training-free, square: re-trained), a star the unreduced models.
 """
 
@@ -20,7 +21,10 @@ from vimerge.viz import draw_groups, figure, token_groups
 from .report import fmt, unreduced_rows
 
 METHOD_COLOURS = {"prune": "tab:blue", "rmeeto": "tab:orange", "rmeeto-shuffled": "tab:green",
-                  "stm-bnnm": "tab:red", "stm-hsp": "tab:purple", "baseline": "black"}
+                  "stm-bnnm": "tab:red", "stm-hsp": "tab:purple", "baseline": "black", "topvim": "tab:brown",
+                  "topvim-plain": "tab:pink", "evit": "tab:olive", "mtr": "tab:cyan"}
+# the methods compared at equal tokens get a marker of their own as well (colour-blind readers)
+METHOD_MARKERS = {"topvim": "^", "topvim-plain": "v", "evit": "D", "mtr": "P"}
 
 
 def style(family: str) -> dict:
@@ -30,7 +34,8 @@ def style(family: str) -> dict:
     deit = family.startswith("deit-")
     method = family.removeprefix("deit-").removesuffix("-retrained")
     colour = METHOD_COLOURS.get(method, "tab:gray")
-    marker = "*" if method == "baseline" else "s" if family.endswith("-retrained") else "o"
+    marker = ("*" if method == "baseline" else "s" if family.endswith("-retrained")
+              else METHOD_MARKERS.get(method, "o"))
     return {"color": colour, "marker": marker, "markersize": 13 if marker == "*" else 7,
             "markerfacecolor": "white" if deit else colour, "markeredgecolor": colour, "markeredgewidth": 1.6,
             "linestyle": "--" if deit else "-"}
@@ -84,6 +89,64 @@ def transformer_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
+
+
+def methods_table(rows: list[dict], families: dict[str, str], compared: tuple[str, ...],
+                  reference: str = "rmeeto") -> str:
+    """Every method at equal tokens: one line per (method, ratio) with the mean-token ratio reached,
+    top-1, GFLOPs (paper convention), images/s (best of the throughput rounds) and the paired
+    top-1 difference from ``reference`` at that ratio (points, 2 standard errors, on the images
+    both rows saw; "+" / "-" where it exceeds 2 s.e.)."""
+    from .stats import compare
+    by = {(r["family"], r["target_ratio"]): r for r in rows if r["target_ratio"] is not None}
+    targets = sorted({t for f, t in by if f == reference})
+    body = []
+    for t in targets:
+        ref = by.get((reference, t))
+        for fam in compared:
+            row = by.get((fam, t))
+            if row is None:
+                continue
+            tp = row.get("throughput") or {}
+            if fam == reference or ref is None:
+                diff = "-"
+            else:
+                d, se, win = compare(row, ref)
+                diff = f"{d:+.2f} ± {2 * se:.2f}" + {"a": " (+)", "b": " (-)", "tie": ""}[win]
+            body.append([f"{t:g}", families.get(fam, fam), f"{row['reduction_ratio']:.3f}", fmt(row["top1"], ".2f"),
+                         f"{row['gflops_paper']:.4f}", f"{tp['best']:.0f}" if tp else "-", str(row["images"]), diff])
+    return markdown_table(["ratio", "method", "ratio reached", "top-1 (%)", "GFLOPs (paper)", "images/s",
+                           "test images", f"vs {families.get(reference, reference)} (points, ± 2 s.e.)"], body)
+
+
+def plot_methods(rows: list[dict], families: dict[str, str], compared: tuple[str, ...], path: Path) -> None:
+    """Every method at equal tokens: top-1 against the reduction ratio (left) and against GFLOPs
+    (paper convention, right), each from the unreduced model's point."""
+    plt = _pyplot()
+    base = next((r for r in rows if r["family"] == "baseline"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=120, sharey=True)
+    for fam in compared:
+        own = [r for r in rows if r["family"] == fam and r["target_ratio"] is not None]
+        if not own:
+            continue
+        for ax, key in zip(axes, ("reduction_ratio", "gflops_paper")):
+            pts = sorted((r[key], r["top1"]) for r in own)
+            if base is not None:
+                pts = [(0.0 if key == "reduction_ratio" else base[key], base["top1"])] + pts
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, linewidth=1.3, label=families.get(fam, fam), **style(fam))
+    n0 = rows[0]["token_counts"][0]
+    axes[0].set_xlabel(f"reduction ratio (1 - mean tokens per block / {n0})")
+    axes[1].set_xlabel("GFLOPs per image (paper convention)")
+    axes[1].invert_xaxis()
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Every method at R-MeeTo's tokens per block, training-free (vim_fmnist)")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _family_rows(rows: list[dict], families: dict[str, str]) -> list[tuple[str, str, list[dict]]]:
