@@ -19,6 +19,7 @@ from vimerge.measure.table import markdown_table
 from vimerge.viz import draw_groups, figure, token_groups
 
 from .report import fmt, unreduced_rows
+from .stats import compare
 
 METHOD_COLOURS = {"prune": "tab:blue", "rmeeto": "tab:orange", "rmeeto-shuffled": "tab:green",
                   "stm-bnnm": "tab:red", "stm-hsp": "tab:purple", "baseline": "black", "topvim": "tab:brown",
@@ -97,7 +98,6 @@ def methods_table(rows: list[dict], families: dict[str, str], compared: tuple[st
     top-1, GFLOPs (paper convention), images/s (best of the throughput rounds) and the paired
     top-1 difference from ``reference`` at that ratio (points, 2 standard errors, on the images
     both rows saw; "+" / "-" where it exceeds 2 s.e.)."""
-    from .stats import compare
     by = {(r["family"], r["target_ratio"]): r for r in rows if r["target_ratio"] is not None}
     targets = sorted({t for f, t in by if f == reference})
     body = []
