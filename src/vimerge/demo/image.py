@@ -30,7 +30,7 @@ from vimerge.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, FashionMNISTN
 from vimerge.models import create_backbone
 from vimerge.reduce import format_spec
 from vimerge.reduce.rmeeto import RMeeTo
-from vimerge.reduce.schedule import r_for_ratio, reduction_ratio
+from vimerge.reduce.schedule import r_for_ratio, reduction_ratio, removals
 from vimerge.reduce.stm import settings_for_mean_ratio
 from vimerge.train import RetrainConfig
 
@@ -154,7 +154,7 @@ def plan_rows(plan: Plan, num_tokens: int, depth: int) -> list[Row]:
         for t in plan.ratios:
             r = r_for_ratio(t, num_tokens, depth, INTERVAL)
             counts = RMeeTo(r=r, interval=INTERVAL).token_counts(num_tokens, depth)
-            removed = [p - c for p, c in zip([num_tokens, *counts[:-1]], counts)]
+            removed = removals(counts, num_tokens)
             setting = f"ratio {t:g}, R-MeeTo's tokens (r={r})"
             for fam, method, extra in METHOD_ROWS:
                 rows.append(_row(f"{fam}@{t:g}", fam, setting, t, format_spec(method, {"r": removed, **extra}),

@@ -61,6 +61,7 @@ from ..tokens import (
     protected_positions,
 )
 from .registry import option, register_method
+from .schedule import removals
 from .select import KeepSchedule, ceil_keep, keep_plan
 from .topvim import ssm_importance
 
@@ -168,8 +169,7 @@ class EViT(KeepSchedule):
             raise ValueError(reason)
         counts = self.schedule_counts(num_tokens, model.depth, model.reduction_site,
                                       len(protected_positions(model)))
-        prev = [num_tokens, *counts[:-1]]
-        self._removed = [p - c for p, c in zip(prev, counts)]
+        self._removed = removals(counts, num_tokens)
         self._mamba = model.reduction_site == "before_mixer"
         shift = 1 if self._mamba else 0          # Mamba: block l - 1's scan; DeiT: block l's attention
         model.record_blocks([i - shift for i, r in enumerate(self._removed) if r > 0])

@@ -59,6 +59,13 @@ def token_counts(r_per_layer: Sequence[int], num_tokens: int,
     return counts
 
 
+def removals(counts: Sequence[int], num_tokens: int) -> list[int]:
+    """Tokens removed at each block from its token counts (the inverse of :func:`token_counts`):
+    ``[num_tokens, *counts[:-1]] - counts``; gives any method another's tokens per block as an
+    explicit ``r`` list."""
+    return [p - c for p, c in zip([num_tokens, *counts[:-1]], counts)]
+
+
 def check_r(r: int | Sequence[int], num_tokens: int, depth: int, interval: int = 2, odd: bool = False,
             capacity: Capacity = bipartite_capacity, first: int = 1) -> list[int]:
     """Validate a request and return the per-block r (errors name the limit and the fix)."""

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..tokens import BlockRecord, TokenModel, TokenState, check_convention, merge_state, protected_positions
 from .registry import option, register_method
+from .schedule import removals
 from .select import KeepSchedule, ceil_keep, keep_plan, unprotected_positions
 
 
@@ -155,8 +156,7 @@ class ToPViM(KeepSchedule):
             raise ValueError(reason)
         protected = len(protected_positions(model))
         counts = self.schedule_counts(num_tokens, model.depth, model.reduction_site, protected)
-        prev = [num_tokens, *counts[:-1]]
-        self._removed = [p - c for p, c in zip(prev, counts)]
+        self._removed = removals(counts, num_tokens)
         model.record_blocks([i - 1 for i, r in enumerate(self._removed) if r > 0])
 
     def reduce(self, state: TokenState, model: TokenModel) -> TokenState:
