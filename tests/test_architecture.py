@@ -184,6 +184,33 @@ def test_backbones_import_parts_never_another_backbone():
 
 METHOD_SPECS = {name: f"{name}:ratio=0.25" for name in list_methods()}
 
+# Preset options that only change sizes: at :func:`small_kwargs`'s depth and resolution, presets
+# differing in these alone run the same code paths (deit3_small / _base / _large / *_384).
+SIZE_OPTIONS = {"embed_dim", "depth", "num_heads", "img_size", "num_classes", "num_registers", "cls_reduce"}
+
+
+def variants() -> list[str]:
+    """One preset per architecture variant (builder class and every non-size option), the
+    narrowest: the method contracts run on each (the model contracts run on every preset)."""
+    chosen: dict[tuple, str] = {}
+    for name in list_models():
+        preset = get_preset(name)
+        key = (preset.builder, tuple(sorted((k, v) for k, v in preset.defaults.items() if k not in SIZE_OPTIONS)))
+        width = preset.defaults.get("embed_dim", 0)
+        if key not in chosen or width < get_preset(chosen[key]).defaults.get("embed_dim", 0):
+            chosen[key] = name
+    return sorted(chosen.values())
+
+
+def test_variants_cover_every_builder_and_video():
+    """The method contracts' presets include every backbone class, the video presets, the
+    registers and the Fashion-MNIST models (one channel), and drop only same-shape duplicates."""
+    names = variants()
+    assert {get_preset(n).builder for n in names} == {get_preset(n).builder for n in list_models()}
+    assert {"vim_tiny", "vim_fmnist", "deit_tiny", "deit3_small", "mambar_tiny", "videomamba_tiny",
+            "videomamba_tiny_k400", "videomamba_fmnist_video"} <= set(names)
+    assert not {"deit3_large_384", "vim_base", "mambar_large"} & set(names)
+
 
 def small_kwargs(name: str) -> dict:
     """Reduced depth and resolution (an 8x8 patch grid, 6 blocks; video presets: 2 frames)."""
@@ -287,7 +314,7 @@ def refused(model, method: str) -> bool:
 
 
 @pytest.mark.parametrize("method", list(METHOD_SPECS))
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", variants())
 def test_no_method_merges_or_drops_a_protected_token(name, method):
     """Rule M1 (docs/architecture.md): every method keeps the class token and the registers, each
     alone in a slot of its own, in order; the head reads them where they went."""
@@ -307,7 +334,7 @@ def test_no_method_merges_or_drops_a_protected_token(name, method):
 
 
 @pytest.mark.parametrize("method", list(METHOD_SPECS))
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", variants())
 def test_method_contract(name, method):
     model = small(name)
     if refused(model, method):
