@@ -448,3 +448,20 @@ class Reducer(Protocol):
     def flops(self, token_counts: Sequence[int], num_tokens: int, width: int,
               convention: str = "paper") -> float:
         """FLOPs per image the method itself adds (e.g. the matching), for these counts."""
+
+
+def unsupported_reason(reducer: Reducer, model: TokenModel) -> str | None:
+    """Why ``reducer`` is not defined on ``model`` (None: it is): the reducer's optional
+    ``unsupported(model)`` (e.g. a method scoring tokens by the selective scan refuses a DeiT)."""
+    check = getattr(reducer, "unsupported", None)
+    return None if check is None else check(model)
+
+
+def prepare_reduction(reducer: Reducer, model: TokenModel, num_tokens: int) -> None:
+    """What a backbone calls at the start of a reduced forward: refuse a reducer not defined on
+    it (ValueError with its ``unsupported`` reason: also when it was assigned to
+    ``model.reduction`` without ``vimerge.apply``), then ``reducer.prepare(model, num_tokens)``."""
+    reason = unsupported_reason(reducer, model)
+    if reason is not None:
+        raise ValueError(reason)
+    reducer.prepare(model, num_tokens)

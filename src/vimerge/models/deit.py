@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..tokens import AttentionRecord, Reducer, TokenState, check_convention
+from ..tokens import AttentionRecord, Reducer, TokenState, check_convention, prepare_reduction
 from .checkpoint import CheckpointError, listing
 from .layers import DropPath, PatchEmbed, resample_pos_embed
 from .registry import get_preset, list_models, model_defaults, register_model
@@ -261,7 +261,7 @@ class VisionTransformer(nn.Module):
         track_source = track_source or bool(getattr(reducer, "track_source", False))
         state = TokenState.start(self.embed(x), self.cls_index, track_source)
         if reducer is not None:
-            reducer.prepare(self, state.num_tokens)
+            prepare_reduction(reducer, self, state.num_tokens)
         for i, block in enumerate(self.blocks):
             state.layer = i
             log_size = None if reducer is None else state.size[..., 0].log()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import Direction, fused_bimamba_v2, fused_mixer_reason, selective_scan
-from ..tokens import BlockRecord, Reducer, ScanRecord, TokenState, check_convention
+from ..tokens import BlockRecord, Reducer, ScanRecord, TokenState, check_convention, prepare_reduction
 from .layers import DropPath, RMSNorm
 from .registry import get_preset, list_models, model_defaults
 
@@ -276,7 +276,7 @@ class MambaTrunk(nn.Module):
         state = TokenState.start(self.embed(x), self.cls_index, track_source, coords=getattr(self, "token_coords", None),
                                  protected=None if protected == (self.cls_index,) else protected)
         if reducer is not None:
-            reducer.prepare(self, state.num_tokens)
+            prepare_reduction(reducer, self, state.num_tokens)
         for i, block in enumerate(self.layers):
             state.layer = i
             if reducer is not None:

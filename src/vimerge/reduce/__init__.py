@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tokens import Reducer, TokenModel, TokenState, protected_positions, ratio_from_counts
+from ..tokens import (
+    Reducer,
+    TokenModel,
+    TokenState,
+    protected_positions,
+    ratio_from_counts,
+    unsupported_reason,
+)
 from . import evit, mtr, prune, rmeeto, stm, topvim  # noqa: F401  (each registers its method)
 from .evit import EViT
 from .mtr import MTR
@@ -76,13 +83,6 @@ def apply(model: TokenModel, method: str | Reducer, **options: Any) -> Reducer |
     model.record_blocks(())
     model.reduction = reducer
     return reducer
-
-
-def unsupported_reason(reducer: Reducer, model: TokenModel) -> str | None:
-    """Why ``reducer`` is not defined on ``model`` (None: it is): the reducer's optional
-    ``unsupported(model)`` (e.g. a method scoring tokens by the selective scan refuses a DeiT)."""
-    check = getattr(reducer, "unsupported", None)
-    return None if check is None else check(model)
 
 
 def remove(model: TokenModel) -> None:

@@ -164,9 +164,6 @@ class EViT(KeepSchedule):
         return None
 
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
-        reason = self.unsupported(model)
-        if reason is not None:
-            raise ValueError(reason)
         counts = self.schedule_counts(num_tokens, model.depth, model.reduction_site,
                                       len(protected_positions(model)))
         self._removed = removals(counts, num_tokens)

@@ -188,9 +188,6 @@ class MTR:
         return None
 
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
-        reason = self.unsupported(model)
-        if reason is not None:
-            raise ValueError(reason)
         self._r = self.layer_r(num_tokens, model.depth, len(protected_positions(model)))
         model.record_blocks([i - 1 for i, r in enumerate(self._r) if r > 0 and i > 0])
 

@@ -151,9 +151,6 @@ class ToPViM(KeepSchedule):
         return None
 
     def prepare(self, model: TokenModel, num_tokens: int) -> None:
-        reason = self.unsupported(model)
-        if reason is not None:
-            raise ValueError(reason)
         protected = len(protected_positions(model))
         counts = self.schedule_counts(num_tokens, model.depth, model.reduction_site, protected)
         self._removed = removals(counts, num_tokens)
