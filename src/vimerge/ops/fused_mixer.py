@@ -20,10 +20,15 @@ Here the same arithmetic is three steps over the (B, L, 2 d_inner) tensor ``xz =
 
 In token order the backward direction is: conv ``p_b[t] = b_b + sum_k w_b[k] x[t + K-1-k]``,
 scan ``h_b[t] = exp(dt_b[t] A_b) h_b[t+1] + dt_b[t] B_b[t] u_b[t]``; this is the flipped
-sequence's causal conv and forward scan read back in token order, so ``flip`` is never built.
-Both kernels have numba backward kernels; the scan's recomputes the states per channel from the
-saved inputs as :mod:`vimerge.ops.numba_cpu` does (and back-propagates through ``dt_proj``
-itself). The kernels use the thread count torch uses (``torch.get_num_threads()``). Results
+sequence's causal conv and forward scan read back in token order, so the forward builds no ``flip``.
+The conv has a numba backward kernel. The scan's backward (training) is the numba scan
+backend's per-channel kernel (:func:`vimerge.ops.numba_cpu.scan_backward`, states recomputed from
+the saved inputs), run per direction on channel-major copies (the backward direction flipped),
+with ``dt_proj``'s gradients as two matmuls; the forward saves the gate's input
+``scale * (y_fwd + y_bwd)`` (B, L, d_inner) for dL/dz. A first fused backward kernel that walked
+the channel-last layout was 2-2.5x slower than this (2026-12-03, vim_fmnist shapes: 170-190 ms
+against 93-97 ms per block at batch 64; ``benchmarks/mixer.py`` has the model-level numbers).
+The kernels use the thread count torch uses (``torch.get_num_threads()``). Results
 match the step-by-step mixer within float32 rounding (tests/test_fused_mixer.py: 1e-5 forward,
 1e-4 gradients).
 
@@ -42,15 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import resolve_backend
-from .numba_cpu import _IMPORT_ERROR, _run
+from .numba_cpu import _IMPORT_ERROR, _run, scan_backward
 
 if _IMPORT_ERROR is None:
     import numpy as np
     from numba import njit, prange
 
     from .numba_cpu import _exp, _sigmoid, _softplus
-
-D_BLOCK = 32  # channels per backward scan task (bounds the partial B/C gradient buffers)
 
 
 class Direction(NamedTuple):
@@ -240,8 +243,11 @@ if _IMPORT_ERROR is None:
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _scan_forward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
-                             biasb, scale, out):
+                             biasb, scale, out, ysum, keep):
         """out[b, t, c] = scale * (y_fwd + y_bwd)[t] * silu(z[t]) with z = xz[..., d:].
+
+        With ``keep``, ysum (b, L, d) also gets the gate's input scale * (y_fwd + y_bwd) (the
+        backward needs it for dL/dz); without, ysum is not touched (any array).
 
         u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
         it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
@@ -259,126 +265,9 @@ if _IMPORT_ERROR is None:
             for t in range(L):
                 zt = xz[bi, t, d + c]
                 out[bi, t, c] = scale * y[t] * zt * _sigmoid(zt)
-
-    @njit(inline="always", fastmath=True)
-    def _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, gy, gu, gW, gA,
-                           g_rows, dt, hs, da, GH, gh, ys, gD_part, gbias_part):
-        """Gradients of one direction of channel c for dL/dy = gy (token order), adding its
-        output y to ys. The states are recomputed into hs (L + 1, n); steps s = 0 .. L-1 are
-        t = s, or t = L-1-s with ``reverse``. g_rows (L, R + 2n) accumulates this task's
-        gradients of dtr, B, C (in that order); gW (b, d, R) and gA (b, d, n) get channel c's."""
-        L = dt.shape[0]
-        n = A.shape[1]
-        R = W.shape[1]
-        a_row = A[c]
-        w_row = W[c]
-        Dc = D[c]
-        _time_steps(dtr, W, bias, bi, c, dt)
-        t0, step = (L - 1, -1) if reverse else (0, 1)
-        for k in range(n):
-            hs[0, k] = 0.0
-            gh[k] = 0.0
-        for s in range(L):                               # recompute the states
-            t = t0 + step * s
-            dtt = dt[t]
-            ut = u[bi, t, c]
-            dtu = dtt * ut
-            acc = Dc * ut
-            for k in range(n):
-                a = _exp(dtt * a_row[k])
-                da[s, k] = a
-                hk = a * hs[s, k] + dtu * Bm[bi, t, k]
-                hs[s + 1, k] = hk
-                acc += hk * Cm[bi, t, k]
-            ys[t] += acc
-        for s in range(L - 1, -1, -1):                   # sequential sweep for dL/dh
-            t = t0 + step * s
-            g = gy[t]
-            for k in range(n):
-                ghk = gh[k] + g * Cm[bi, t, k]
-                GH[s, k] = ghk
-                gh[k] = ghk * da[s, k]
-        gD = np.float32(0.0)
-        gbias = np.float32(0.0)
-        gWr = gW[bi, c]
-        for s in range(L):                               # per-step gradients
-            t = t0 + step * s
-            ut = u[bi, t, c]
-            dtt = dt[t]
-            s_a = np.float32(0.0)
-            s_b = np.float32(0.0)
-            for k in range(n):
-                gaa = GH[s, k] * hs[s, k] * da[s, k]
-                da[s, k] = gaa
-                s_a += gaa * a_row[k]
-                s_b += GH[s, k] * Bm[bi, t, k]
-            gdtt = (s_a + s_b * ut) * (np.float32(1.0) - _exp(-dtt))   # softplus' = 1 - exp(-dt)
-            gbias += gdtt
-            gr = g_rows[t]
-            for r in range(R):                           # through dt_proj
-                gr[r] += gdtt * w_row[r]
-                gWr[r] += gdtt * dtr[bi, r, t]
-            gu[bi, t, c] = gy[t] * Dc + s_b * dtt
-            gD += gy[t] * ut
-        gD_part[bi, c] = gD
-        gbias_part[bi, c] = gbias
-        gAr = gA[bi, c]
-        for s in range(L):                               # shared-parameter gradients
-            t = t0 + step * s
-            dtt = dt[t]
-            dtu = dtt * u[bi, t, c]
-            g = gy[t]
-            for k in range(n):
-                gAr[k] += da[s, k] * dtt
-            gr = g_rows[t]
-            for k in range(n):
-                gr[R + k] += GH[s, k] * dtu
-            for k in range(n):
-                gr[R + n + k] += g * hs[s + 1, k]
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _scan_backward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
-                              biasb, scale, gout, gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
-                              gD, gDb, gbias, gbiasb):
-        """Gradients of :func:`_scan_forward_kernel` for gout (b, L, d).
-
-        gxz (b, L, 2d) gets dL/dz in its last d channels and zeros in the first d (x's, from
-        the conv's backward). Per-task partials: gW, gWb (b, d, R), gA, gAb (b, d, n), gD, gDb,
-        gbias, gbiasb (b, d) summed over b, g_rows, g_rowsb (b, blocks, L, R + 2n: the dtr (transposed),
-        B, C gradients) over blocks by the caller.
-        """
-        b, L, d = gout.shape
-        n = A.shape[1]
-        nblk = g_rows.shape[1]
-        blk = (d + nblk - 1) // nblk
-        for task in prange(b * nblk):
-            bi = task // nblk
-            ci = task % nblk
-            hs = np.empty((L + 1, n), dtype=np.float32)
-            da = np.empty((L, n), dtype=np.float32)
-            GH = np.empty((L, n), dtype=np.float32)
-            gh = np.empty(n, dtype=np.float32)
-            gy = np.empty(L, dtype=np.float32)
-            ys = np.empty(L, dtype=np.float32)
-            sg = np.empty(L, dtype=np.float32)
-            gs = np.empty(L, dtype=np.float32)
-            dt = np.empty(L, dtype=np.float32)
-            for c in range(ci * blk, min(d, (ci + 1) * blk)):
+            if keep:
                 for t in range(L):
-                    zt = xz[bi, t, d + c]
-                    sg[t] = _sigmoid(zt)
-                    gs[t] = scale * gout[bi, t, c]
-                    gy[t] = gs[t] * zt * sg[t]
-                    ys[t] = 0.0
-                    gxz[bi, t, c] = 0.0
-                _scan_row_backward(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, gy, gu, gW, gA,
-                                   g_rows[bi, ci], dt, hs, da, GH, gh, ys, gD, gbias)
-                _scan_row_backward(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, gy, gub, gWb,
-                                   gAb, g_rowsb[bi, ci], dt, hs, da, GH, gh, ys, gDb, gbiasb)
-                for t in range(L):
-                    zt = xz[bi, t, d + c]
-                    gxz[bi, t, d + c] = gs[t] * ys[t] * sg[t] * (
-                        np.float32(1.0) + zt * (np.float32(1.0) - sg[t]))
+                    ysum[bi, t, c] = scale * y[t]
 
 
 def _np(t: Tensor):
@@ -429,35 +318,37 @@ class _ScanGate(torch.autograd.Function):
         *tensors, scale = args
         tensors = [t.contiguous() for t in tensors]
         u = tensors[1]
-        out = u.new_empty(u.shape)
+        out, ysum = u.new_empty(u.shape), u.new_empty(u.shape)
         _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), out.numpy())
-        ctx.save_for_backward(*tensors)
+             np.float32(scale), out.numpy(), ysum.numpy(), True)
+        ctx.save_for_backward(*tensors, ysum)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        tensors = ctx.saved_tensors
-        xz, u, W, A = tensors[0], tensors[1], tensors[9], tensors[11]
-        b, L, d = u.shape
-        n, R = A.shape[1], W.shape[1]
-        nblk = (d + D_BLOCK - 1) // D_BLOCK
-        gxz = torch.empty_like(xz)
-        gu, gub = torch.empty_like(u), torch.empty_like(u)
-        gW, gWb = u.new_zeros(b, d, R), u.new_zeros(b, d, R)
-        gA, gAb = u.new_zeros(b, d, n), u.new_zeros(b, d, n)
-        g_rows, g_rowsb = u.new_zeros(b, nblk, L, R + 2 * n), u.new_zeros(b, nblk, L, R + 2 * n)
-        gD, gDb, gbias, gbiasb = (u.new_zeros(b, d) for _ in range(4))
-        _run("fused scan backward", _scan_backward_kernel, *[_np(t) for t in tensors],
-             np.float32(ctx.scale), _np(gout.float()),
-             *[t.numpy() for t in (gxz, gu, gub, gW, gWb, gA, gAb, g_rows, g_rowsb,
-                                   gD, gDb, gbias, gbiasb)])
-        gdtr, gB, gC = g_rows.sum(1).split([R, n, n], dim=-1)
-        gdtrb, gBb, gCb = g_rowsb.sum(1).split([R, n, n], dim=-1)
-        return (gxz, gu, gub, gdtr.transpose(1, 2), gdtrb.transpose(1, 2), gB, gBb, gC, gCb,
-                gW.sum(0), gWb.sum(0), gA.sum(0),
-                gAb.sum(0), gD.sum(0), gDb.sum(0), gbias.sum(0), gbiasb.sum(0), None)
+        xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias, biasb, ysum = ctx.saved_tensors
+        d = u.shape[-1]
+        z = xz[..., d:]
+        sg = torch.sigmoid(z)
+        gout = gout.float()
+        gxz = torch.cat([torch.zeros_like(u), gout * ysum * sg * (1 + z * (1 - sg))], dim=-1)   # dL/dz
+        gy = (ctx.scale * gout * z * sg).transpose(1, 2).contiguous()   # dL/dy of either scan, (b, d, L)
+        grads = []
+        for uu, dr, Bx, Cx, Wx, Ax, Dx, bx, rev in ((u, dtr, Bm, Cm, W, A, D, bias, False),
+                                                    (ub, dtrb, Bmb, Cmb, Wb, Ab, Db, biasb, True)):
+            # this direction's scan in its own order (the backward one flipped), channel-major
+            ut, delta = uu.transpose(1, 2), torch.matmul(Wx, dr)   # (b, d, L)
+            g, Bt, Ct = gy, Bx, Cx
+            if rev:
+                ut, delta, g, Bt, Ct = ut.flip(-1), delta.flip(-1), g.flip(-1), Bt.flip(1), Ct.flip(1)
+            gu, gdelta, gA, gB, gC, gD, gbias, _ = scan_backward(ut, delta, bx, True, Ax, Bt, Ct, Dx, g)
+            if rev:
+                gu, gdelta, gB, gC = gu.flip(-1), gdelta.flip(-1), gB.flip(1), gC.flip(1)
+            grads.append((gu.transpose(1, 2), torch.matmul(Wx.t(), gdelta), gB, gC,
+                          torch.einsum("bdl,brl->dr", gdelta, dr), gA, gD, gbias))
+        (gu, gdtr, gB, gC, gW, gA, gD, gbias), (gub, gdtrb, gBb, gCb, gWb, gAb, gDb, gbiasb) = grads
+        return (gxz, gu, gub, gdtr, gdtrb, gB, gBb, gC, gCb, gW, gWb, gA, gAb, gD, gDb, gbias, gbiasb, None)
 
 
 def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, scale: float = 0.5,
@@ -503,7 +394,7 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
     else:                                 # inference: no graph; the output overwrites xc
         tensors = [t.contiguous() for t in inputs]
         _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), xc.numpy())
+             np.float32(scale), xc.numpy(), xc.numpy(), False)
         out = xc
     records = None
     if record:

@@ -273,20 +273,35 @@ class _NumbaScan(torch.autograd.Function):
     def backward(ctx, gout):
         u, delta, bias, A, Bt, Ct, Dv, zv = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
-        b, d, L = u.shape
-        n = A.shape[1]
-        nblk = (d + D_BLOCK - 1) // D_BLOCK
-        gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-        gz = torch.empty_like(u) if has_z else u.new_zeros(1, 1, 1)
-        gA = u.new_zeros(b, d, n)
-        gB, gC = u.new_zeros(b, nblk, L, n), u.new_zeros(b, nblk, L, n)
-        gD, gbias = u.new_zeros(b, d), u.new_zeros(b, d)
-        _run("backward", _backward_kernel, _np(u), _np(delta), _np(bias), ctx.softplus, _np(A),
-             _np(Bt), _np(Ct), _np(Dv), _np(zv), has_z, _np(gout.float()),
-             *[t.numpy() for t in (gu, gdelta, gz, gA, gB, gC, gD, gbias)])
-        return (gu, gdelta, gA.sum(0), gB.sum(1).transpose(1, 2), gC.sum(1).transpose(1, 2),
-                gD.sum(0) if has_D else None, gz if has_z else None,
-                gbias.sum(0) if has_bias else None, None)
+        gu, gdelta, gA, gB, gC, gD, gbias, gz = scan_backward(u, delta, bias, ctx.softplus, A, Bt, Ct, Dv,
+                                                              gout, zv if has_z else None)
+        return (gu, gdelta, gA, gB.transpose(1, 2), gC.transpose(1, 2), gD if has_D else None, gz,
+                gbias if has_bias else None, None)
+
+
+def scan_backward(u: Tensor, delta: Tensor, bias: Tensor, softplus: bool, A: Tensor, Bt: Tensor,
+                  Ct: Tensor, D: Tensor, gout: Tensor, z: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Gradients of ``(scan(u, dt, A, B, C) + D u) [* silu(z)]`` for ``gout``, with the compiled kernel.
+
+    dt = softplus(delta + bias) (or ``delta + bias`` without softplus). u, delta, gout, z (b, d, L);
+    bias, D (d,); A (d, n); Bt, Ct (b, L, n) (B and C token-major), all fp32 CPU. Returns
+    (gu, gdelta (b, d, L), gA (d, n), gB, gC (b, L, n), gD, gbias (d,), gz (b, d, L) or None).
+    The states are recomputed per channel from the inputs (nothing saved from the forward).
+    """
+    b, d, L = u.shape
+    n = A.shape[1]
+    nblk = (d + D_BLOCK - 1) // D_BLOCK
+    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gz = torch.empty_like(u) if z is not None else u.new_zeros(1, 1, 1)
+    zv = z if z is not None else u.new_zeros(1, 1, 1)
+    gA = u.new_zeros(b, d, n)
+    gB, gC = u.new_zeros(b, nblk, L, n), u.new_zeros(b, nblk, L, n)
+    gD, gbias = u.new_zeros(b, d), u.new_zeros(b, d)
+    _run("backward", _backward_kernel, _np(u), _np(delta), _np(bias), softplus, _np(A),
+         _np(Bt), _np(Ct), _np(D), _np(zv), z is not None, _np(gout.float()),
+         *[t.numpy() for t in (gu, gdelta, gz, gA, gB, gC, gD, gbias)])
+    return (gu, gdelta, gA.sum(0), gB.sum(1), gC.sum(1), gD.sum(0), gbias.sum(0),
+            gz if z is not None else None)
 
 
 def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
