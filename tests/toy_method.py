@@ -37,7 +37,7 @@ class KeepFirst:
         protected = (cls_index,) if protected is None else tuple(protected)
         return self._counts(self._k(num_tokens, depth, protected), num_tokens, depth, protected)
 
-    def flops(self, counts, num_tokens, width, convention="paper"):
+    def flops(self, counts, num_tokens, width, convention="paper", site="before_mixer"):
         return 0.0           # dropping tokens computes nothing
 
     def prepare(self, model, num_tokens):

@@ -446,8 +446,11 @@ class Reducer(Protocol):
         token's among them); a method that supports such models accepts that keyword."""
 
     def flops(self, token_counts: Sequence[int], num_tokens: int, width: int,
-              convention: str = "paper") -> float:
-        """FLOPs per image the method itself adds (e.g. the matching), for these counts."""
+              convention: str = "paper", site: str = "before_mixer") -> float:
+        """FLOPs per image the method itself adds (e.g. the matching), for these counts, on a
+        model whose reduction runs at ``site`` (``model.reduction_site``: a Mamba's
+        ``"before_mixer"``, a Transformer's ``"after_attention"``), for a method whose cost
+        differs between the two (``evit`` scores by the scan on a Mamba); the others ignore it."""
 
 
 def unsupported_reason(reducer: Reducer, model: TokenModel) -> str | None:

@@ -13,8 +13,6 @@ reproduces its Table 2 (Vim-Ti/S/B: 1.45 / 5.08 / 18.87 GFLOPs; with R-MeeTo r =
 
 from __future__ import annotations
 
-import inspect
-
 from ..reduce import token_counts
 from ..tokens import check_convention, ratio_from_counts
 
@@ -42,14 +40,11 @@ def count_flops(model, convention: str = "paper", num_tokens: int | None = None)
 
 def reduction_flops(model, counts, convention: str = "paper", num_tokens: int | None = None) -> float:
     """What the active reduction itself computes per image at these token counts (0 without one):
-    ``reducer.flops(counts, num_tokens, embed_dim, convention)``, with ``site=model.reduction_site``
-    for a reducer whose score costs differ between a Mamba and a Transformer (``evit``)."""
+    ``reducer.flops(counts, num_tokens, embed_dim, convention, site=model.reduction_site)``."""
     if model.reduction is None:
         return 0.0
-    own = model.reduction.flops
-    site = {"site": model.reduction_site} if "site" in inspect.signature(own).parameters else {}
     n0 = model.num_tokens if num_tokens is None else num_tokens
-    return float(own(counts, n0, model.embed_dim, convention, **site))
+    return float(model.reduction.flops(counts, n0, model.embed_dim, convention, site=model.reduction_site))
 
 
 def model_cost(model) -> dict:

@@ -165,7 +165,8 @@ class MTR:
         return token_counts(self.layer_r(num_tokens, depth, k), num_tokens,
                             functools.partial(mtr_capacity, protected=k))
 
-    def flops(self, counts: Sequence[int], num_tokens: int, width: int, convention: str = "paper") -> float:
+    def flops(self, counts: Sequence[int], num_tokens: int, width: int, convention: str = "paper",
+              site: str = "before_mixer") -> float:
         """Per image, at every block where the count drops from ``N`` to ``N - r`` (one class
         token assumed): the score, one add per token and channel of both scans' time steps
         (``2 N d_inner``, d_inner = 2 x width); the cosine similarities as R-MeeTo counts them

@@ -350,7 +350,8 @@ class RMeeTo:
     def reduction_ratio(self, num_tokens: int, depth: int, site: str = "before_mixer") -> float:
         return ratio_from_counts(self.token_counts(num_tokens, depth, site=site), num_tokens)
 
-    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
+    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper",
+              site: str = "before_mixer") -> float:
         """The matching at every block where tokens disappear (:func:`matching_flops`), counted
         as in the paper (a multiply-add is one FLOP) or twice that for ``"full"``. A scoped
         merge (``scope`` frame/time) computes the same padded score matrix: the same count."""

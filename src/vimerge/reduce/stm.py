@@ -466,7 +466,8 @@ class STM:
         """1 - mean tokens per block / initial tokens."""
         return ratio_from_counts(self.token_counts(num_tokens, depth), num_tokens)
 
-    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper") -> float:
+    def flops(self, counts, num_tokens: int, width: int, convention: str = "paper",
+              site: str = "before_mixer") -> float:
         """The weighted averages of the merged tokens: ``removed x width`` multiply-adds per
         reducing block (twice that for ``"full"``). BNNM matches nothing (its positions are
         fixed); HSP's weights (about 3 d_inner d_state operations per removed token, under

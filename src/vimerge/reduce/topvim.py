@@ -125,7 +125,8 @@ class ToPViM(KeepSchedule):
                      site: str = "before_mixer", protected: Sequence[int] | None = None) -> list[int]:
         return self.schedule_counts(num_tokens, depth, site, 1 if protected is None else len(protected))
 
-    def flops(self, counts: Sequence[int], num_tokens: int, width: int, convention: str = "paper") -> float:
+    def flops(self, counts: Sequence[int], num_tokens: int, width: int, convention: str = "paper",
+              site: str = "before_mixer") -> float:
         """Per image: the importance, one add per SSM output channel (d_inner = 2 x width) and
         token at every reducing block (its input count); with ``align``, in every block after
         the first pruning, two multiplies per token and channel (the time step and the input
