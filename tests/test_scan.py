@@ -33,8 +33,9 @@ def test_hand_computed_two_steps():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("L", [1, 2, 7, 64, 197, 1000])
-def test_backend_matches_reference(backend, L):
-    x = make_inputs(2, 3, 4, L, seed=L)
+@pytest.mark.parametrize("n", [4, 16])   # 16: the numba kernels' fixed-size state path (N_STATE)
+def test_backend_matches_reference(backend, L, n):
+    x = make_inputs(2, 3, n, L, seed=L)
     ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
     be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
     ref = selective_scan(**ref_in, delta_softplus=True, backend="reference")

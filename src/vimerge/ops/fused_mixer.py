@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import resolve_backend
-from .numba_cpu import _IMPORT_ERROR, _run, scan_backward
+from .numba_cpu import _IMPORT_ERROR, N_STATE, _run, scan_backward
 
 if _IMPORT_ERROR is None:
     import numpy as np
@@ -213,14 +213,14 @@ if _IMPORT_ERROR is None:
             dt[t] = _softplus(dt[t] + bias[c])
 
     @njit(inline="always", fastmath=True)
-    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, dt, y, add):
+    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, dt, y, add, n):
         """One direction of channel c: y[t] (+)= C_t . h_t + D u_t.
 
         dt from :func:`_time_steps`. u (b, L, d); dtr (b, R, L); W (d, R); Bm, Cm (b, L, n);
-        ``reverse`` walks t = L-1 .. 0.
+        ``reverse`` walks t = L-1 .. 0; ``n`` states (a literal ``N_STATE`` from the kernel
+        compiles a fixed-size state loop).
         """
         L = dt.shape[0]
-        n = A.shape[1]
         _time_steps(dtr, W, bias, bi, c, dt)
         t0, step = (L - 1, -1) if reverse else (0, 1)
         h = np.zeros(n, dtype=np.float32)
@@ -260,8 +260,12 @@ if _IMPORT_ERROR is None:
             c = task % d
             dt = np.empty(L, dtype=np.float32)
             y = np.empty(L, dtype=np.float32)
-            _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False)
-            _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True)
+            if A.shape[1] == N_STATE:
+                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False, N_STATE)
+                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True, N_STATE)
+            else:
+                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False, A.shape[1])
+                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True, A.shape[1])
             for t in range(L):
                 zt = xz[bi, t, d + c]
                 out[bi, t, c] = scale * y[t] * zt * _sigmoid(zt)

@@ -41,6 +41,7 @@ except Exception as exc:  # pragma: no cover - exercised only where numba is mis
 log = logging.getLogger("vimerge")
 _STATS: dict[str, float] = {}
 D_BLOCK = 64  # channels per backward task (bounds the partial-gradient buffers)
+N_STATE = 16  # d_state of every Vim / VideoMamba preset: the kernels compile a fixed-size path for it
 
 if _IMPORT_ERROR is None:
 
@@ -101,6 +102,23 @@ if _IMPORT_ERROR is None:
             x = delta[bi, di, t] + bias[di]
             out[t] = _softplus(x) if softplus else x
 
+    @njit(inline="always", fastmath=True)
+    def _forward_row(u, dt, A, Bt, Ct, D, bi, di, out, n):
+        """One (batch, channel) sequence of the forward kernel, ``n`` states (a literal 16 from
+        the kernel lets the compiler unroll the state loop into whole vectors)."""
+        h = np.zeros(n, dtype=np.float32)
+        a_row = A[di]
+        for t in range(u.shape[2]):
+            dtt = dt[t]
+            ut = u[bi, di, t]
+            dtu = dtt * ut
+            y = D[di] * ut
+            for k in range(n):
+                hk = _exp(dtt * a_row[k]) * h[k] + dtu * Bt[bi, t, k]
+                h[k] = hk
+                y += hk * Ct[bi, t, k]
+            out[bi, di, t] = y
+
     @njit(parallel=True, fastmath=True, cache=True)
     def _forward_kernel(u, delta, bias, softplus, A, Bt, Ct, D, z, has_z, out):
         """out = (scan(u, dt, A, B, C) + D * u) * silu(z) with dt = softplus(delta + bias).
@@ -112,20 +130,12 @@ if _IMPORT_ERROR is None:
         for task in prange(b * d):
             bi = task // d
             di = task % d
-            h = np.zeros(n, dtype=np.float32)
             dt = np.empty(L, dtype=np.float32)
             _time_steps(delta, bias, softplus, bi, di, dt)
-            a_row = A[di]
-            for t in range(L):
-                dtt = dt[t]
-                ut = u[bi, di, t]
-                dtu = dtt * ut
-                y = D[di] * ut
-                for k in range(n):
-                    hk = _exp(dtt * a_row[k]) * h[k] + dtu * Bt[bi, t, k]
-                    h[k] = hk
-                    y += hk * Ct[bi, t, k]
-                out[bi, di, t] = y
+            if n == N_STATE:
+                _forward_row(u, dt, A, Bt, Ct, D, bi, di, out, N_STATE)
+            else:
+                _forward_row(u, dt, A, Bt, Ct, D, bi, di, out, n)
             if has_z:                                     # gate, vectorised over the sequence
                 for t in range(L):
                     zt = z[bi, di, t]
