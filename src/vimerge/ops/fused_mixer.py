@@ -14,9 +14,11 @@ Here the same arithmetic is three steps over the (B, L, 2 d_inner) tensor ``xz =
    dt rows (B, R, L), B and C (B, L, n) (no slicing copies);
 3. :class:`_ScanGate` (numba): per (batch, channel) task, ``dt_proj`` + ``delta_bias`` +
    softplus, both directions' scan with the ``D`` skip (the backward one walking the tokens from
-   last to first), their sum times ``scale`` and ``silu(z)`` (z read from ``xz``): the
-   (B, L, d_inner) input of ``out_proj``. No (B, d_inner, L) ``delta`` tensor is built. Without
-   autograd (inference) the output is written over the forward conv output.
+   last to first), their sum times ``scale``; then a second kernel, per (batch, token) row over
+   contiguous channels, multiplies by ``silu(z)`` (z read from ``xz``): the (B, L, d_inner)
+   input of ``out_proj``. No (B, d_inner, L) ``delta`` tensor is built. Without autograd
+   (inference) the output is written over the forward conv output. With d_state 16 the scan
+   loops compile with a fixed state count (``numba_cpu.N_STATE``).
 
 In token order the backward direction is: conv ``p_b[t] = b_b + sum_k w_b[k] x[t + K-1-k]``,
 scan ``h_b[t] = exp(dt_b[t] A_b) h_b[t+1] + dt_b[t] B_b[t] u_b[t]``; this is the flipped
@@ -243,15 +245,14 @@ if _IMPORT_ERROR is None:
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _scan_forward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
-                             biasb, scale, out, ysum, keep):
-        """out[b, t, c] = scale * (y_fwd + y_bwd)[t] * silu(z[t]) with z = xz[..., d:].
-
-        With ``keep``, ysum (b, L, d) also gets the gate's input scale * (y_fwd + y_bwd) (the
-        backward needs it for dL/dz); without, ysum is not touched (any array).
+                             biasb, scale, out):
+        """out[b, t, c] = scale * (y_fwd + y_bwd)[t], the gate's input (:func:`_gate_kernel`
+        applies silu(z)).
 
         u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
         it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
-        (b, L, n); W, Wb (d, R); A, Ab (d, n).
+        (b, L, n); W, Wb (d, R); A, Ab (d, n); xz is not read (same argument list as the
+        callers build).
         One task per (batch, channel), the n states vectorised.
         """
         b, L, d = out.shape
@@ -267,11 +268,27 @@ if _IMPORT_ERROR is None:
                 _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False, A.shape[1])
                 _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True, A.shape[1])
             for t in range(L):
-                zt = xz[bi, t, d + c]
-                out[bi, t, c] = scale * y[t] * zt * _sigmoid(zt)
+                out[bi, t, c] = scale * y[t]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _gate_kernel(xz, out, ysum, keep):
+        """out[b, t] *= silu(z[b, t]) with z = xz[..., d:], one task per (batch, token) row
+        (contiguous channels; the scan kernel's per-channel walk reads z with a stride). With
+        ``keep``, ysum (b, L, d) first gets out's values (the gate's input, for dL/dz);
+        without, ysum is not touched (any array)."""
+        b, L, d = out.shape
+        for task in prange(b * L):
+            bi = task // L
+            t = task % L
+            o = out[bi, t]
+            zr = xz[bi, t]
             if keep:
-                for t in range(L):
-                    ysum[bi, t, c] = scale * y[t]
+                ys = ysum[bi, t]
+                for c in range(d):
+                    ys[c] = o[c]
+            for c in range(d):
+                zt = zr[d + c]
+                o[c] = o[c] * zt * _sigmoid(zt)
 
 
 def _np(t: Tensor):
@@ -324,7 +341,8 @@ class _ScanGate(torch.autograd.Function):
         u = tensors[1]
         out, ysum = u.new_empty(u.shape), u.new_empty(u.shape)
         _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), out.numpy(), ysum.numpy(), True)
+             np.float32(scale), out.numpy())
+        _run("fused gate", _gate_kernel, _np(tensors[0]), out.numpy(), ysum.numpy(), True)
         ctx.save_for_backward(*tensors, ysum)
         ctx.scale = scale
         return out
@@ -398,7 +416,8 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
     else:                                 # inference: no graph; the output overwrites xc
         tensors = [t.contiguous() for t in inputs]
         _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), xc.numpy(), xc.numpy(), False)
+             np.float32(scale), xc.numpy())
+        _run("fused gate", _gate_kernel, _np(tensors[0]), xc.numpy(), xc.numpy(), False)
         out = xc
     records = None
     if record:
