@@ -244,15 +244,14 @@ if _IMPORT_ERROR is None:
                 y[t] = acc
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _scan_forward_kernel(xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
+    def _scan_forward_kernel(u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
                              biasb, scale, out):
         """out[b, t, c] = scale * (y_fwd + y_bwd)[t], the gate's input (:func:`_gate_kernel`
         applies silu(z)).
 
         u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
         it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
-        (b, L, n); W, Wb (d, R); A, Ab (d, n); xz is not read (same argument list as the
-        callers build).
+        (b, L, n); W, Wb (d, R); A, Ab (d, n).
         One task per (batch, channel), the n states vectorised.
         """
         b, L, d = out.shape
@@ -295,6 +294,17 @@ def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
+def _scan_and_gate(tensors: list[Tensor], scale: float, out: Tensor, ysum: Tensor | None = None) -> Tensor:
+    """Run the scan kernel and the gate kernel into ``out`` (b, L, d) for the contiguous inputs
+    ``[xz, u, ub, ...]`` (:class:`_ScanGate`'s order); with ``ysum`` also keep the gate's input
+    there (for the backward). ``out`` may be ``u`` (inference writes over the conv output)."""
+    _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors[1:]],
+         np.float32(scale), out.numpy())
+    keep = ysum is not None
+    _run("fused gate", _gate_kernel, _np(tensors[0]), out.numpy(), (ysum if keep else out).numpy(), keep)
+    return out
+
+
 class _ConvSilu(torch.autograd.Function):
     """(xc, xcb) = silu(conv1d) of both directions from xz (b, L, 2d); see the module docstring."""
 
@@ -331,7 +341,7 @@ class _ConvSilu(torch.autograd.Function):
 class _ScanGate(torch.autograd.Function):
     """out (b, L, d) = scale * (scan_fwd + scan_bwd) * silu(z); see the module docstring.
 
-    Inputs: xz, u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias, biasb (as
+    Inputs: xz, then u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias, biasb (as
     :func:`_scan_forward_kernel`), then scale."""
 
     @staticmethod
@@ -340,9 +350,7 @@ class _ScanGate(torch.autograd.Function):
         tensors = [t.contiguous() for t in tensors]
         u = tensors[1]
         out, ysum = u.new_empty(u.shape), u.new_empty(u.shape)
-        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), out.numpy())
-        _run("fused gate", _gate_kernel, _np(tensors[0]), out.numpy(), ysum.numpy(), True)
+        _scan_and_gate(tensors, scale, out, ysum)
         ctx.save_for_backward(*tensors, ysum)
         ctx.scale = scale
         return out
@@ -414,11 +422,7 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         out = _ScanGate.apply(*inputs, float(scale))
     else:                                 # inference: no graph; the output overwrites xc
-        tensors = [t.contiguous() for t in inputs]
-        _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors],
-             np.float32(scale), xc.numpy())
-        _run("fused gate", _gate_kernel, _np(tensors[0]), xc.numpy(), xc.numpy(), False)
-        out = xc
+        out = _scan_and_gate([t.contiguous() for t in inputs], scale, xc)
     records = None
     if record:
         records = tuple(FusedScans(torch.matmul(w_dt, dtr).detach(),   # (B, d, L)
