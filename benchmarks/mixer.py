@@ -2,6 +2,7 @@
 
 Usage:  python benchmarks/mixer.py [--rounds 5] [--threads 2] [--fmnist-batch 256]
                                    [--small-batch 8] [--train-batch 8] [--json OUT]
+                                   [--against REV] [--skip-paths]
 
 Three comparisons, each timed in interleaved rounds (every configuration once per round, so a
 busy spell of another process slows all of them alike); the tables give the fastest round, the
@@ -14,6 +15,14 @@ median in brackets, and ratios taken within a round (best and median over rounds
 3. one training step of ``vim_small`` at ``--train-batch`` (forward, cross-entropy, backward,
    AdamW step), both paths.
 
+With ``--against REV`` (a git revision of this repository, e.g. ``38a3723``, the code on which
+issue 24 was measured), a fourth table: the same workloads (vim_fmnist and deit_fmnist forward,
+vim_small forward and training step, each model's default path) run by two worker processes,
+one importing REV's ``src`` (from ``git archive``), one this checkout's ``src``, alternating
+call by call in interleaved rounds; the speed-up is taken within a round. This is the
+comparison with the issue's "today's img/s": the same-round step-by-step path of tables 1-3
+runs this checkout's (faster) scan kernels too. ``--skip-paths`` leaves out tables 1-3.
+
 fp32, CPU, the default scan backend (numba). Peak memory: the rise of the resident set's
 high-water mark above the resident set before the timed call, in the fastest round (Linux).
 Compilation (numba, cached on disk after the first run) happens in an untimed warm-up.
@@ -23,9 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +77,14 @@ def forward_fn(model, batch: int, fused: bool | None) -> Callable[[], None]:
     return run
 
 
-def train_fn(model, batch: int, fused: bool) -> Callable[[], None]:
+def train_fn(model, batch: int, fused: bool | None) -> Callable[[], None]:
     images = torch.randn(batch, model.in_chans, *model.img_size)
     labels = torch.randint(0, model.num_classes, (batch,))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def run() -> None:
-        set_fused(model, fused)
+        if fused is not None:
+            set_fused(model, fused)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         opt.step()
@@ -106,6 +121,120 @@ def mb(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+# ------------------------------------------------------------------ --against: another revision
+
+WORKLOADS = ("vim_fmnist forward", "deit_fmnist forward", "vim_small forward", "vim_small training step")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker() -> int:
+    """``--worker``: build the workloads with the vimerge on ``sys.path`` (first stdin line: JSON
+    with fmnist_batch, small_batch, train_batch, threads), then answer each workload name read
+    from stdin with one timed call as a JSON line ``{"sec", "peak_mb"}``; "" ends."""
+    opts = json.loads(sys.stdin.readline())
+    torch.set_num_threads(opts["threads"])
+    torch.manual_seed(0)
+    small = vimerge.create_model("vim_small")
+    fns = {"vim_fmnist forward": forward_fn(vimerge.create_model("vim_fmnist", pretrained=True).eval(),
+                                            opts["fmnist_batch"], None),
+           "deit_fmnist forward": forward_fn(vimerge.create_model("deit_fmnist", pretrained=True).eval(),
+                                             opts["fmnist_batch"], None)}
+    small_forward, small_train = forward_fn(small, opts["small_batch"], None), train_fn(small, opts["train_batch"], None)
+
+    def forward() -> None:
+        small.eval()
+        small_forward()
+
+    def train() -> None:
+        small.train()
+        small_train()
+    fns |= {"vim_small forward": forward, "vim_small training step": train}
+    print(json.dumps({"vimerge": vimerge.__file__}), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            break
+        sec, peak = timed(fns[name])
+        print(json.dumps({"sec": sec, "peak_mb": peak}), flush=True)
+    return 0
+
+
+class Worker:
+    """A ``--worker`` process importing vimerge from ``src`` (a directory holding ``vimerge/``)."""
+
+    def __init__(self, src: Path, opts: dict):
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], cwd=src,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc.stdin.write(json.dumps(opts) + "\n")
+        self.proc.stdin.flush()
+        imported = Path(self._answer()["vimerge"]).resolve()
+        if src.resolve() not in imported.parents:
+            self.close()
+            raise RuntimeError(f"the worker for {src} imported vimerge from {imported}")
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def time(self, name: str) -> tuple[float, float | None]:
+        time.sleep(0.3)        # the other worker's idle threads stop spinning first
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        r = self._answer()
+        return r["sec"], r["peak_mb"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+def export_src(rev: str, into: str) -> Path:
+    """``src`` of git revision ``rev`` of this repository, written under ``into``; raises
+    SystemExit naming the problem when git cannot read the revision."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    return Path(into) / "src"
+
+
+def against(rev: str, args) -> dict[str, dict]:
+    """Table 4: every workload, revision ``rev`` against this checkout, interleaved call by call."""
+    opts = dict(fmnist_batch=args.fmnist_batch, small_batch=args.small_batch, train_batch=args.train_batch,
+                threads=args.threads)
+    batches = dict(zip(WORKLOADS, (args.fmnist_batch, args.fmnist_batch, args.small_batch, args.train_batch)))
+    with tempfile.TemporaryDirectory(prefix="vimerge-rev-") as tmp:
+        workers = {rev: Worker(export_src(rev, tmp), opts), "this checkout": Worker(REPO / "src", opts)}
+        try:
+            out = {}
+            for name in WORKLOADS:
+                for w in workers.values():        # warm-up: compilation, allocator growth
+                    w.time(name)
+                runs = {k: [] for k in workers}
+                for _ in range(args.rounds):
+                    for k, w in workers.items():
+                        runs[k].append(w.time(name))
+                out[name] = summary(runs, batches[name])
+        finally:
+            for w in workers.values():
+                w.close()
+    print(f"\n| workload (each model's default path) | {rev} img/s | this checkout img/s | speed-up (same round): "
+          f"best (median) | peak MB {rev} | peak MB this checkout |")
+    print("|---|---|---|---|---|---|")
+    for name, s in out.items():
+        old, new = s[rev], s["this checkout"]
+        print(f"| {name}, batch {batches[name]} | {old['img_s']:.3g} ({old['img_s_median']:.3g}) | "
+              f"{new['img_s']:.3g} ({new['img_s_median']:.3g}) | "
+              f"{'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'this checkout', rev))} | {mb(old['peak_mb'])} | "
+              f"{mb(new['peak_mb'])} |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -114,48 +243,58 @@ def main(argv=None) -> int:
     p.add_argument("--small-batch", type=int, default=8)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--against", metavar="REV", help="also time REV's code against this checkout (table 4)")
+    p.add_argument("--skip-paths", action="store_true", help="leave out tables 1-3 (fused vs step-by-step)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return worker()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     print(f"# fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.rounds} interleaved rounds; best round (median)")
 
-    vim = vimerge.create_model("vim_fmnist", pretrained=True).eval()
-    deit = vimerge.create_model("deit_fmnist", pretrained=True).eval()
-    b = args.fmnist_batch
-    s1 = summary(interleaved({"vim_fmnist fused": forward_fn(vim, b, True),
-                              "vim_fmnist step-by-step": forward_fn(vim, b, False),
-                              "deit_fmnist": forward_fn(deit, b, None)}, args.rounds), b)
-    print(f"\n| forward, batch {b}, {vim.num_tokens} tokens | img/s | ms/batch | vs deit_fmnist (same round): "
-          "best (median) | peak MB |")
-    print("|---|---|---|---|---|")
-    for name, r in s1.items():
-        rel = "1" if name == "deit_fmnist" else "{:.2f}x ({:.2f}x)".format(*ratio(s1, name, "deit_fmnist"))
-        print(f"| {name} | {r['img_s']:.0f} ({r['img_s_median']:.0f}) | {r['ms']:.0f} | {rel} | {mb(r['peak_mb'])} |")
-    del vim, deit
+    results: dict[str, dict] = {}
+    if not args.skip_paths:
+        vim = vimerge.create_model("vim_fmnist", pretrained=True).eval()
+        deit = vimerge.create_model("deit_fmnist", pretrained=True).eval()
+        b = args.fmnist_batch
+        s1 = summary(interleaved({"vim_fmnist fused": forward_fn(vim, b, True),
+                                  "vim_fmnist step-by-step": forward_fn(vim, b, False),
+                                  "deit_fmnist": forward_fn(deit, b, None)}, args.rounds), b)
+        print(f"\n| forward, batch {b}, {vim.num_tokens} tokens | img/s | ms/batch | vs deit_fmnist (same round): "
+              "best (median) | peak MB |")
+        print("|---|---|---|---|---|")
+        for name, r in s1.items():
+            rel = "1" if name == "deit_fmnist" else "{:.2f}x ({:.2f}x)".format(*ratio(s1, name, "deit_fmnist"))
+            print(f"| {name} | {r['img_s']:.0f} ({r['img_s_median']:.0f}) | {r['ms']:.0f} | {rel} | {mb(r['peak_mb'])} |")
+        del vim, deit
 
-    small = vimerge.create_model("vim_small").eval()
-    s2 = summary(interleaved({"fused": forward_fn(small, args.small_batch, True),
-                              "step-by-step": forward_fn(small, args.small_batch, False)}, args.rounds),
-                 args.small_batch)
-    small.train()
-    s3 = summary(interleaved({"fused": train_fn(small, args.train_batch, True),
-                              "step-by-step": train_fn(small, args.train_batch, False)}, args.rounds),
-                 args.train_batch)
-    print(f"\n| vim_small ({small.num_tokens} tokens) | step-by-step img/s | fused img/s | speed-up "
-          "(same round): best (median) | peak MB step-by-step | peak MB fused |")
-    print("|---|---|---|---|---|---|")
-    for label, s in ((f"forward, batch {args.small_batch}", s2),
-                     (f"training step, batch {args.train_batch}", s3)):
-        old, new = s["step-by-step"], s["fused"]
-        print(f"| {label} | {old['img_s']:.3g} ({old['img_s_median']:.3g}) | {new['img_s']:.3g} "
-              f"({new['img_s_median']:.3g}) | {'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'fused', 'step-by-step'))} "
-              f"| {mb(old['peak_mb'])} | {mb(new['peak_mb'])} |")
+        small = vimerge.create_model("vim_small").eval()
+        s2 = summary(interleaved({"fused": forward_fn(small, args.small_batch, True),
+                                  "step-by-step": forward_fn(small, args.small_batch, False)}, args.rounds),
+                     args.small_batch)
+        small.train()
+        s3 = summary(interleaved({"fused": train_fn(small, args.train_batch, True),
+                                  "step-by-step": train_fn(small, args.train_batch, False)}, args.rounds),
+                     args.train_batch)
+        print(f"\n| vim_small ({small.num_tokens} tokens) | step-by-step img/s | fused img/s | speed-up "
+              "(same round): best (median) | peak MB step-by-step | peak MB fused |")
+        print("|---|---|---|---|---|---|")
+        for label, s in ((f"forward, batch {args.small_batch}", s2),
+                         (f"training step, batch {args.train_batch}", s3)):
+            old, new = s["step-by-step"], s["fused"]
+            print(f"| {label} | {old['img_s']:.3g} ({old['img_s_median']:.3g}) | {new['img_s']:.3g} "
+                  f"({new['img_s_median']:.3g}) | {'{:.2f}x ({:.2f}x)'.format(*ratio(s, 'fused', 'step-by-step'))} "
+                  f"| {mb(old['peak_mb'])} | {mb(new['peak_mb'])} |")
+        results |= {"fmnist": s1, "vim_small_forward": s2, "vim_small_train": s3}
+    if args.against:
+        results["against"] = against(args.against, args)
     print(f"\n# {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"fmnist": s1, "vim_small_forward": s2, "vim_small_train": s3}, f, indent=2)
+            json.dump(results, f, indent=2)
     return 0
 
 

@@ -47,9 +47,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
+from ..ops.hidden_attention import hidden_attention as ops_hidden_attention
 from ..tokens import (
     AttentionRecord,
     BlockRecord,
@@ -74,25 +74,9 @@ def hidden_attention(record: ScanRecord, query: int, reverse: bool = False) -> T
     ``query``; zero where the scan does not reach: ``j > query`` forward, ``j < query``
     backward). ``record`` is in token order; ``reverse`` marks the backward scan (which runs from
     the last token to the first). The skip term ``D`` and the gate are left out (they touch
-    the query's own input only, or scale the row)."""
-    dt = record.dt()                                                     # (B, D, N)
-    bsz, _, n = dt.shape
-    B, C, A = record.B.float(), record.C.float(), record.A.float()       # (B, s, N), (B, s, N), (D, s)
-    cum = dt.cumsum(-1)
-    pos = torch.arange(n, device=dt.device)
-    at_q = cum[..., query:query + 1]
-    if reverse:   # decay over t = query .. j - 1: cum[j - 1] - cum[query - 1]
-        decay = (cum - dt) - (at_q - dt[..., query:query + 1])
-        reach = pos >= query
-    else:         # decay over t = j + 1 .. query: cum[query] - cum[j]
-        decay = at_q - cum
-        reach = pos <= query
-    decay = decay.clamp_min(0).masked_fill(~reach, 0.0)
-    cb = C[:, :, query:query + 1] * B                                    # (B, s, N): C_q[n] B_j[n]
-    alpha = torch.zeros_like(dt)
-    for s in range(A.shape[1]):                                          # one state at a time: (B, D, N)
-        alpha += torch.exp(A[None, :, s:s + 1] * decay) * cb[:, s:s + 1, :]
-    return (alpha * dt).masked_fill(~reach, 0.0)
+    the query's own input only, or scale the row). Computed by
+    :func:`vimerge.ops.hidden_attention.hidden_attention` (a numba kernel on the CPU)."""
+    return ops_hidden_attention(record.dt(), record.B, record.C, record.A, query, reverse)
 
 
 def cls_attention(record: BlockRecord, cls_index: int) -> Tensor:
