@@ -165,3 +165,38 @@ def test_fused_path_under_bf16_autocast():
             low_step = mixer(hidden).float()
     assert float((low - ref).norm() / ref.norm()) < 0.05
     assert float((low - low_step).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.parametrize("d_state", [4, 16])
+def test_gaps_inference_matches_step_by_step(d_state, monkeypatch):
+    """ToP-ViM's alignment (gaps: pruned positions before/after each token) through the fused
+    kernels under no_grad agrees with the step-by-step mixer's ``decay_scale`` path (reference
+    scan), and takes no step-by-step scan; with gradients the mixer stays step by step."""
+    mixer = _mixer(24, d_state, True)
+    hidden = torch.randn(3, 13, 24)
+    gaps = torch.randint(0, 4, (3, 13, 2))
+    mixer.fused, mixer.scan_backend = False, "reference"
+    with torch.no_grad():
+        ref = mixer(hidden, gaps)
+        plain = mixer(hidden)
+    calls = []
+    real = vim_module.selective_scan
+    monkeypatch.setattr(vim_module, "selective_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mixer.fused, mixer.scan_backend = True, "numba"
+    with torch.no_grad():
+        got = mixer(hidden, gaps)
+    assert calls == []
+    torch.testing.assert_close(got, ref, **FWD_TOL)
+    assert (got - plain).abs().max() > 1e-3            # the gaps change the output
+    out = mixer(hidden, gaps)                          # with autograd: the step-by-step path
+    assert len(calls) == 2
+    torch.testing.assert_close(out.detach(), ref, **FWD_TOL)
+
+
+def test_stretch_is_refused_with_gradients_or_a_wrong_shape():
+    mixer = _mixer(8, 4, True)
+    xz = torch.randn(1, 5, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="inference only"):
+        fused_bimamba_v2(xz, *_directions(mixer), d_state=4, stretch=torch.ones(1, 2, 5))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"stretch must be \(batch, 2, tokens\) = \(1, 2, 5\)"):
+        fused_bimamba_v2(xz, *_directions(mixer), d_state=4, stretch=torch.ones(1, 5, 2))

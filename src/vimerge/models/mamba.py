@@ -107,14 +107,15 @@ class BiMambaMixer(nn.Module):
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
                               backend=self.scan_backend, decay_scale=stretch)
 
-    def _forward_fused(self, hidden: Tensor) -> Tensor:
+    def _forward_fused(self, hidden: Tensor, gaps: Tensor | None = None) -> Tensor:
         """:meth:`forward` through :func:`vimerge.ops.fused_bimamba_v2` (same values and records)."""
         fwd, bwd = (Direction(getattr(self, "conv1d" + s).weight, getattr(self, "conv1d" + s).bias,
                               getattr(self, "x_proj" + s).weight, getattr(self, "dt_proj" + s).weight,
                               getattr(self, "dt_proj" + s).bias, getattr(self, a), getattr(self, "D" + s))
                     for s, a in (("", "A_log"), ("_b", "A_b_log")))
+        stretch = None if gaps is None else 1 + gaps.float().transpose(1, 2)    # (B, 2, N)
         y, scans = fused_bimamba_v2(self.in_proj(hidden), fwd, bwd, self.d_state,
-                                    scale=0.5 if self.average else 1.0, record=self.record)
+                                    scale=0.5 if self.average else 1.0, record=self.record, stretch=stretch)
         if scans is not None:
             self.last_record = BlockRecord(*(ScanRecord(s.delta, s.B, s.C, s.A, p.dt_proj_bias.detach())
                                              for s, p in zip(scans, (fwd, bwd))), y.detach().transpose(1, 2))
@@ -128,10 +129,12 @@ class BiMambaMixer(nn.Module):
         (``[..., 0]``) and after (``[..., 1]``) each token; each direction's scan then decays the
         state of token t over ``1 + gap`` steps of its own time step, as if the pruned positions
         were still there with no input (ToP-ViM's hidden-state alignment, our form: the
-        released code has no alignment). Always step by step (any scan backend).
+        released code has no alignment). With gaps the fused kernels run only without autograd
+        (inference); with gradients the mixer runs step by step.
         """
-        if gaps is None and self.fused and fused_mixer_reason(hidden, self.scan_backend) is None:
-            return self._forward_fused(hidden)
+        if self.fused and fused_mixer_reason(hidden, self.scan_backend) is None and (
+                gaps is None or not torch.is_grad_enabled()):
+            return self._forward_fused(hidden, gaps)
         xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2 d_inner, N)
         x, z = xz.chunk(2, dim=1)
         self._scans = []

@@ -37,7 +37,8 @@ match the step-by-step mixer within float32 rounding (tests/test_fused_mixer.py:
 Which path runs: ``BiMambaMixer.forward`` takes this one when ``mixer.fused`` (default True) and
 :func:`fused_mixer_reason` is None (CPU tensors, numba importable, scan backend ``"numba"`` or an
 ``"auto"`` resolving to it); ``mixer.fused = False`` or any other backend keeps the step-by-step
-mixer. Recording the scans for a reducer (``record_blocks``) works on both paths.
+mixer. With ToP-ViM's ``gaps`` (a per-token decay stretch) it runs only without autograd
+(the scan kernel multiplies the exponent by the stretch; there is no backward for it). Recording the scans for a reducer (``record_blocks``) works on both paths.
 """
 
 from __future__ import annotations
@@ -215,10 +216,12 @@ if _IMPORT_ERROR is None:
             dt[t] = _softplus(dt[t] + bias[c])
 
     @njit(inline="always", fastmath=True)
-    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, reverse, dt, y, add, n):
+    def _scan_row(u, dtr, W, bias, A, Bm, Cm, D, st, has_st, bi, c, reverse, dt, y, add, n):
         """One direction of channel c: y[t] (+)= C_t . h_t + D u_t.
 
         dt from :func:`_time_steps`. u (b, L, d); dtr (b, R, L); W (d, R); Bm, Cm (b, L, n);
+        with ``has_st`` the state decays over st[bi, t] time steps (st (b, L), token order:
+        ``h_t = exp(st_t dt_t A) h_{t-1} + dt_t B_t u_t``, ToP-ViM's alignment);
         ``reverse`` walks t = L-1 .. 0; ``n`` states (a literal ``N_STATE`` from the kernel
         compiles a fixed-size state loop).
         """
@@ -234,8 +237,9 @@ if _IMPORT_ERROR is None:
             ut = u[bi, t, c]
             dtu = dtt * ut
             acc = Dc * ut
+            de = dtt * st[bi, t] if has_st else dtt
             for k in range(n):
-                hk = _exp(dtt * a_row[k]) * h[k] + dtu * Bm[bi, t, k]
+                hk = _exp(de * a_row[k]) * h[k] + dtu * Bm[bi, t, k]
                 h[k] = hk
                 acc += hk * Cm[bi, t, k]
             if add:
@@ -245,13 +249,14 @@ if _IMPORT_ERROR is None:
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _scan_forward_kernel(u, ub, dtr, dtrb, Bm, Bmb, Cm, Cmb, W, Wb, A, Ab, D, Db, bias,
-                             biasb, scale, out):
+                             biasb, scale, st, stb, has_st, out):
         """out[b, t, c] = scale * (y_fwd + y_bwd)[t], the gate's input (:func:`_gate_kernel`
         applies silu(z)).
 
         u, ub, out (b, L, d) (out may be u: each task reads its channel of u before writing
         it); dtr, dtrb (b, R, L) (x_proj's dt rows, dt_proj applied here); Bm, Cm, Bmb, Cmb
-        (b, L, n); W, Wb (d, R); A, Ab (d, n).
+        (b, L, n); W, Wb (d, R); A, Ab (d, n); with ``has_st``, st and stb (b, L): each
+        direction's decay stretch in token order (else any 2-d arrays).
         One task per (batch, channel), the n states vectorised.
         """
         b, L, d = out.shape
@@ -261,11 +266,12 @@ if _IMPORT_ERROR is None:
             dt = np.empty(L, dtype=np.float32)
             y = np.empty(L, dtype=np.float32)
             if A.shape[1] == N_STATE:
-                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False, N_STATE)
-                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True, N_STATE)
+                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, st, has_st, bi, c, False, dt, y, False, N_STATE)
+                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, stb, has_st, bi, c, True, dt, y, True, N_STATE)
             else:
-                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, bi, c, False, dt, y, False, A.shape[1])
-                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, bi, c, True, dt, y, True, A.shape[1])
+                _scan_row(u, dtr, W, bias, A, Bm, Cm, D, st, has_st, bi, c, False, dt, y, False, A.shape[1])
+                _scan_row(ub, dtrb, Wb, biasb, Ab, Bmb, Cmb, Db, stb, has_st, bi, c, True, dt, y, True,
+                          A.shape[1])
             for t in range(L):
                 out[bi, t, c] = scale * y[t]
 
@@ -294,12 +300,18 @@ def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
-def _scan_and_gate(tensors: list[Tensor], scale: float, out: Tensor, ysum: Tensor | None = None) -> Tensor:
+def _scan_and_gate(tensors: list[Tensor], scale: float, out: Tensor, ysum: Tensor | None = None,
+                   stretch: Tensor | None = None) -> Tensor:
     """Run the scan kernel and the gate kernel into ``out`` (b, L, d) for the contiguous inputs
     ``[xz, u, ub, ...]`` (:class:`_ScanGate`'s order); with ``ysum`` also keep the gate's input
-    there (for the backward). ``out`` may be ``u`` (inference writes over the conv output)."""
+    there (for the backward); ``stretch`` (b, 2, L): the directions' decay stretch (inference
+    only). ``out`` may be ``u`` (inference writes over the conv output)."""
+    if stretch is None:
+        st = stb = np.ones((1, 1), dtype=np.float32)
+    else:
+        st, stb = _np(stretch[:, 0].float()), _np(stretch[:, 1].float())
     _run("fused scan forward", _scan_forward_kernel, *[_np(t) for t in tensors[1:]],
-         np.float32(scale), out.numpy())
+         np.float32(scale), st, stb, stretch is not None, out.numpy())
     keep = ysum is not None
     _run("fused gate", _gate_kernel, _np(tensors[0]), out.numpy(), (ysum if keep else out).numpy(), keep)
     return out
@@ -382,7 +394,8 @@ class _ScanGate(torch.autograd.Function):
 
 
 def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, scale: float = 0.5,
-                     record: bool = False) -> tuple[Tensor, tuple[FusedScans, FusedScans] | None]:
+                     record: bool = False, stretch: Tensor | None = None
+                     ) -> tuple[Tensor, tuple[FusedScans, FusedScans] | None]:
     """The bidirectional mixer between ``in_proj`` and ``out_proj``, fused on the CPU.
 
     Args:
@@ -391,12 +404,17 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
         d_state: n, the state size (``x_proj`` gives R + 2n features: dt, B, C).
         scale: 0.5 averages the directions (Vim's "div2"), 1.0 sums them (VideoMamba).
         record: also return each direction's :class:`FusedScans` (token order, detached).
+        stretch: (B, 2, L) >= 1, optional, inference only: token t's state decays over
+            ``stretch[:, 0, t]`` (forward scan) / ``stretch[:, 1, t]`` (backward scan) time
+            steps, the input term keeping one (``selective_scan``'s ``decay_scale``; the
+            mixer's ``1 + gaps``, ToP-ViM's alignment).
     Returns:
         (B, L, d_inner) ``scale * (y_fwd + flip(y_bwd))`` gated by ``silu(z)``, in ``xz``'s
         dtype (computed in fp32), and the scans (None unless ``record``).
     Raises:
-        ValueError: xz is not (B, L, 2 d_inner) for the parameters' d_inner, or x_proj's
-            output is not R + 2 d_state wide.
+        ValueError: xz is not (B, L, 2 d_inner) for the parameters' d_inner, x_proj's
+            output is not R + 2 d_state wide, ``stretch`` is not (B, 2, L), or ``stretch``
+            is given where gradients are needed (the step-by-step mixer has them).
     """
     d = fwd.D.shape[0]
     if xz.dim() != 3 or xz.shape[-1] != 2 * d:
@@ -419,10 +437,18 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
                         p.dt_proj_bias.float()])
     for a, b in zip(*per_dir):            # kernel order: forward's, backward's of each input
         inputs += [a, b]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if stretch is not None:
+        if stretch.shape != (xz.shape[0], 2, xz.shape[1]):
+            raise ValueError(f"fused_bimamba_v2: stretch must be (batch, 2, tokens) = ({xz.shape[0]}, 2, "
+                             f"{xz.shape[1]}), got {tuple(stretch.shape)}")
+        if grad:
+            raise ValueError("fused_bimamba_v2: stretch is inference only (no backward kernel for it); "
+                             "run under torch.no_grad() or use the step-by-step mixer")
+    if grad:
         out = _ScanGate.apply(*inputs, float(scale))
     else:                                 # inference: no graph; the output overwrites xc
-        out = _scan_and_gate([t.contiguous() for t in inputs], scale, xc)
+        out = _scan_and_gate([t.contiguous() for t in inputs], scale, xc, stretch=stretch)
     records = None
     if record:
         records = tuple(FusedScans(torch.matmul(w_dt, dtr).detach(),   # (B, d, L)
