@@ -107,13 +107,13 @@ class BiMambaMixer(nn.Module):
                               delta_bias=dt_proj.bias.float(), delta_softplus=True,
                               backend=self.scan_backend, decay_scale=stretch)
 
-    def _forward_fused(self, hidden: Tensor, gaps: Tensor | None = None) -> Tensor:
-        """:meth:`forward` through :func:`vimerge.ops.fused_bimamba_v2` (same values and records)."""
+    def _forward_fused(self, hidden: Tensor, stretch: Tensor | None = None) -> Tensor:
+        """:meth:`forward` through :func:`vimerge.ops.fused_bimamba_v2` (same values and records);
+        ``stretch`` (B, 2, N): :meth:`forward`'s ``1 + gaps``."""
         fwd, bwd = (Direction(getattr(self, "conv1d" + s).weight, getattr(self, "conv1d" + s).bias,
                               getattr(self, "x_proj" + s).weight, getattr(self, "dt_proj" + s).weight,
                               getattr(self, "dt_proj" + s).bias, getattr(self, a), getattr(self, "D" + s))
                     for s, a in (("", "A_log"), ("_b", "A_b_log")))
-        stretch = None if gaps is None else 1 + gaps.float().transpose(1, 2)    # (B, 2, N)
         y, scans = fused_bimamba_v2(self.in_proj(hidden), fwd, bwd, self.d_state,
                                     scale=0.5 if self.average else 1.0, record=self.record, stretch=stretch)
         if scans is not None:
@@ -132,13 +132,13 @@ class BiMambaMixer(nn.Module):
         released code has no alignment). With gaps the fused kernels run only without autograd
         (inference); with gradients the mixer runs step by step.
         """
+        stretch = None if gaps is None else 1 + gaps.float().transpose(1, 2)    # (B, 2, N)
         if self.fused and fused_mixer_reason(hidden, self.scan_backend) is None and (
                 gaps is None or not torch.is_grad_enabled()):
-            return self._forward_fused(hidden, gaps)
+            return self._forward_fused(hidden, stretch)
         xz = self.in_proj(hidden).transpose(1, 2)                          # (B, 2 d_inner, N)
         x, z = xz.chunk(2, dim=1)
         self._scans = []
-        stretch = None if gaps is None else 1 + gaps.float().transpose(1, 2)    # (B, 2, N)
         y = self._direction(x, z, backward=False, stretch=None if stretch is None else stretch[:, :1])
         y_b = self._direction(x.flip(-1), z.flip(-1), backward=True,
                               stretch=None if stretch is None else stretch[:, 1:].flip(-1))

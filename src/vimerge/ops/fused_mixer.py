@@ -38,7 +38,8 @@ Which path runs: ``BiMambaMixer.forward`` takes this one when ``mixer.fused`` (d
 :func:`fused_mixer_reason` is None (CPU tensors, numba importable, scan backend ``"numba"`` or an
 ``"auto"`` resolving to it); ``mixer.fused = False`` or any other backend keeps the step-by-step
 mixer. With ToP-ViM's ``gaps`` (a per-token decay stretch) it runs only without autograd
-(the scan kernel multiplies the exponent by the stretch; there is no backward for it). Recording the scans for a reducer (``record_blocks``) works on both paths.
+(the scan kernel multiplies the exponent by the stretch; there is no backward for it).
+Recording the scans for a reducer (``record_blocks``) works on both paths.
 """
 
 from __future__ import annotations
@@ -424,6 +425,15 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
     if fwd.x_proj_weight.shape[0] != R + 2 * n:
         raise ValueError(f"fused_bimamba_v2: x_proj gives {fwd.x_proj_weight.shape[0]} features, "
                          f"expected dt_rank + 2 d_state = {R} + 2 * {n}")
+    # every kernel input derives from xz and the two directions' parameters
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (xz, *fwd, *bwd))
+    if stretch is not None:
+        if stretch.shape != (xz.shape[0], 2, xz.shape[1]):
+            raise ValueError(f"fused_bimamba_v2: stretch must be (batch, 2, tokens) = ({xz.shape[0]}, 2, "
+                             f"{xz.shape[1]}), got {tuple(stretch.shape)}")
+        if grad:
+            raise ValueError("fused_bimamba_v2: stretch is inference only (no backward kernel for it); "
+                             "run under torch.no_grad() or use the step-by-step mixer")
     x32 = xz.float()
     xc, xcb = _ConvSilu.apply(x32, fwd.conv_weight.float(), fwd.conv_bias.float(),
                               bwd.conv_weight.float(), bwd.conv_bias.float())
@@ -437,14 +447,6 @@ def fused_bimamba_v2(xz: Tensor, fwd: Direction, bwd: Direction, d_state: int, s
                         p.dt_proj_bias.float()])
     for a, b in zip(*per_dir):            # kernel order: forward's, backward's of each input
         inputs += [a, b]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if stretch is not None:
-        if stretch.shape != (xz.shape[0], 2, xz.shape[1]):
-            raise ValueError(f"fused_bimamba_v2: stretch must be (batch, 2, tokens) = ({xz.shape[0]}, 2, "
-                             f"{xz.shape[1]}), got {tuple(stretch.shape)}")
-        if grad:
-            raise ValueError("fused_bimamba_v2: stretch is inference only (no backward kernel for it); "
-                             "run under torch.no_grad() or use the step-by-step mixer")
     if grad:
         out = _ScanGate.apply(*inputs, float(scale))
     else:                                 # inference: no graph; the output overwrites xc
