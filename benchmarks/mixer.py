@@ -5,7 +5,8 @@ Usage:  python benchmarks/mixer.py [--rounds 5] [--threads 2] [--fmnist-batch 25
                                    [--against REV] [--skip-paths]
 
 Three comparisons, each timed in interleaved rounds (every configuration once per round, so a
-busy spell of another process slows all of them alike); the tables give the fastest round, the
+busy spell of another process slows all of them alike; the order within a round turns every
+round, so that no configuration always runs first); the tables give the fastest round, the
 median in brackets, and ratios taken within a round (best and median over rounds):
 
 1. forward img/s at ``--fmnist-batch`` of ``vim_fmnist`` (shipped weights) with the fused mixer
@@ -19,7 +20,8 @@ With ``--against REV`` (a git revision of this repository, e.g. ``38a3723``, the
 issue 24 was measured), a fourth table: the same workloads (vim_fmnist and deit_fmnist forward,
 vim_small forward and training step, each model's default path) run by two worker processes,
 one importing REV's ``src`` (from ``git archive``), one this checkout's ``src``, alternating
-call by call in interleaved rounds; the speed-up is taken within a round. This is the
+call by call in interleaved rounds (REV first in even rounds, second in odd ones); the speed-up
+is taken within a round. This is the
 comparison with the issue's "today's img/s": the same-round step-by-step path of tables 1-3
 runs this checkout's (faster) scan kernels too. ``--skip-paths`` leaves out tables 1-3.
 
@@ -95,9 +97,10 @@ def interleaved(configs: dict[str, Callable[[], None]], rounds: int) -> dict[str
     for fn in configs.values():              # warm-up: compilation, allocator growth
         fn()
     runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in configs}
-    for _ in range(rounds):
-        for name, fn in configs.items():
-            runs[name].append(timed(fn))
+    names = list(configs)
+    for i in range(rounds):                  # the order turns every round (no slot favoured)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(timed(configs[name]))
     return runs
 
 
@@ -216,8 +219,8 @@ def against(rev: str, args) -> dict[str, dict]:
                 for w in workers.values():        # warm-up: compilation, allocator growth
                     w.time(name)
                 runs = {k: [] for k in workers}
-                for _ in range(args.rounds):
-                    for k, w in workers.items():
+                for i in range(args.rounds):      # REV first in even rounds, second in odd ones
+                    for k, w in (list(workers.items()) if i % 2 == 0 else list(workers.items())[::-1]):
                         runs[k].append(w.time(name))
                 out[name] = summary(runs, batches[name])
         finally:

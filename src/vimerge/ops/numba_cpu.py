@@ -151,7 +151,11 @@ if _IMPORT_ERROR is None:
         Per-task partial sums:
         gA_part (b, d, n), gD_part and gbias_part (b, d) are summed over b by the caller,
         gB_part / gC_part (b, blocks, L, n) over blocks. Only the sweep for dL/dh is
-        sequential; the other passes are flat loops the compiler can vectorise.
+        sequential; the other passes are flat loops the compiler can vectorise. Without the
+        gate (``has_z`` False: the fused mixer) the recompute pass skips y, and the per-step
+        scalars (softplus', the delta, u, D and bias gradients) run in their own loops over t:
+        together 1.4x faster at vim_small's shapes, 1.9x at vim_fmnist's (2026-12-03,
+        interleaved against the previous kernel).
         """
         b, d, L = u.shape
         n = A.shape[1]
@@ -168,6 +172,10 @@ if _IMPORT_ERROR is None:
             ys = np.empty(L, dtype=np.float32)
             sg = np.empty(L, dtype=np.float32)
             dt = np.empty(L, dtype=np.float32)
+            sp = np.empty(L, dtype=np.float32)            # softplus'(delta + bias) per step
+            sa = np.empty(L, dtype=np.float32)            # sum_k dL/d(dt A)_k A_k per step
+            sb = np.empty(L, dtype=np.float32)            # sum_k dL/dh_k B_k per step
+            gAl = np.empty(n, dtype=np.float32)
             gB = gB_part[bi, ci]
             gC = gC_part[bi, ci]
             for di in range(ci * blk, min(d, (ci + 1) * blk)):
@@ -184,17 +192,26 @@ if _IMPORT_ERROR is None:
                 for k in range(n):
                     hs[0, k] = 0.0
                     gh[k] = 0.0
-                for t in range(L):                        # recompute the states
-                    dtt = dt[t]
-                    dtu = dtt * u[bi, di, t]
-                    y = D[di] * u[bi, di, t]
-                    for k in range(n):
-                        a = _exp(dtt * a_row[k])
-                        da[t, k] = a
-                        hk = a * hs[t, k] + dtu * Bt[bi, t, k]
-                        hs[t + 1, k] = hk
-                        y += hk * Ct[bi, t, k]
-                    ys[t] = y
+                if has_z:                                 # recompute the states and y (for dL/dz)
+                    for t in range(L):
+                        dtt = dt[t]
+                        dtu = dtt * u[bi, di, t]
+                        y = D[di] * u[bi, di, t]
+                        for k in range(n):
+                            a = _exp(dtt * a_row[k])
+                            da[t, k] = a
+                            hk = a * hs[t, k] + dtu * Bt[bi, t, k]
+                            hs[t + 1, k] = hk
+                            y += hk * Ct[bi, t, k]
+                        ys[t] = y
+                else:                                     # recompute the states only
+                    for t in range(L):
+                        dtt = dt[t]
+                        dtu = dtt * u[bi, di, t]
+                        for k in range(n):
+                            a = _exp(dtt * a_row[k])
+                            da[t, k] = a
+                            hs[t + 1, k] = a * hs[t, k] + dtu * Bt[bi, t, k]
                 if has_z:
                     for t in range(L):
                         zt = z[bi, di, t]
@@ -206,11 +223,7 @@ if _IMPORT_ERROR is None:
                         ghk = gh[k] + g * Ct[bi, t, k]
                         GH[t, k] = ghk
                         gh[k] = ghk * da[t, k]
-                gD = np.float32(0.0)
-                gbias = np.float32(0.0)
-                for t in range(L):                        # per-step gradients
-                    ut = u[bi, di, t]
-                    dtt = dt[t]
+                for t in range(L):                        # per-step sums over the states
                     s_a = np.float32(0.0)
                     s_b = np.float32(0.0)
                     for k in range(n):
@@ -218,26 +231,41 @@ if _IMPORT_ERROR is None:
                         da[t, k] = gaa
                         s_a += gaa * a_row[k]
                         s_b += GH[t, k] * Bt[bi, t, k]
-                    gdtt = s_a + s_b * ut
-                    if softplus:
-                        gdtt *= np.float32(1.0) - _exp(-dtt)
+                    sa[t] = s_a
+                    sb[t] = s_b
+                if softplus:                              # softplus'(x) = sigmoid(x) = 1 - exp(-dt)
+                    for t in range(L):
+                        sp[t] = np.float32(1.0) - _exp(-dt[t])
+                else:
+                    for t in range(L):
+                        sp[t] = np.float32(1.0)
+                gD = np.float32(0.0)
+                gbias = np.float32(0.0)
+                Dd = D[di]
+                for t in range(L):                        # per-step gradients, flat over t
+                    ut = u[bi, di, t]
+                    gdtt = (sa[t] + sb[t] * ut) * sp[t]
                     gdelta[bi, di, t] = gdtt
                     gbias += gdtt
-                    gu[bi, di, t] = gy[t] * D[di] + s_b * dtt
+                    gu[bi, di, t] = gy[t] * Dd + sb[t] * dt[t]
                     gD += gy[t] * ut
                 gD_part[bi, di] = gD
                 gbias_part[bi, di] = gbias
-                gA = gA_part[bi, di]
+                for k in range(n):
+                    gAl[k] = 0.0
                 for t in range(L):                        # shared-parameter gradients
                     dtt = dt[t]
                     dtu = dtt * u[bi, di, t]
                     g = gy[t]
                     for k in range(n):
-                        gA[k] += da[t, k] * dtt
+                        gAl[k] += da[t, k] * dtt
                     for k in range(n):
                         gC[t, k] += g * hs[t + 1, k]
                     for k in range(n):
                         gB[t, k] += GH[t, k] * dtu
+                gA = gA_part[bi, di]
+                for k in range(n):
+                    gA[k] += gAl[k]
 
 
 def _check() -> str | None:
