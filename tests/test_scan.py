@@ -61,6 +61,28 @@ def test_backend_without_optional_inputs(backend):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,L", [(4, 20), (16, 197)])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_backend_gradients_without_the_gate(backend, n, L, softplus):
+    """Without z the numba backward skips y in its recompute pass (the fused mixer's case)."""
+    x = make_inputs(2, 3, n, L, seed=n + L)
+    x.pop("z")
+    if not softplus:      # keep delta + bias positive, as a time step must be
+        x["delta"] = x["delta"].abs() + 0.1
+        x["delta_bias"] = x["delta_bias"].abs()
+    ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = selective_scan(**ref_in, delta_softplus=softplus, backend="reference")
+    out = selective_scan(**be_in, delta_softplus=softplus, backend=backend)
+    assert rel_err(out, ref) < 1e-5
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    for name in ref_in:
+        assert rel_err(be_in[name].grad, ref_in[name].grad) < 1e-4, name
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
 @pytest.mark.parametrize("delta_scale,bias", [(50.0, 30.0), (1e-4, -30.0)])
 def test_long_sequences_and_extreme_deltas_stay_finite(backend, delta_scale, bias):
