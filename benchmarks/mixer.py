@@ -98,7 +98,7 @@ def interleaved(configs: dict[str, Callable[[], None]], rounds: int) -> dict[str
         fn()
     runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in configs}
     names = list(configs)
-    for i in range(rounds):                  # the order turns every round (no slot favoured)
+    for i in range(rounds):                  # the order turns every round
         for name in names[i % len(names):] + names[:i % len(names)]:
             runs[name].append(timed(configs[name]))
     return runs

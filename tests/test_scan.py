@@ -64,10 +64,13 @@ def test_backend_without_optional_inputs(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n,L", [(4, 20), (16, 197)])
 @pytest.mark.parametrize("softplus", [True, False])
-def test_backend_gradients_without_the_gate(backend, n, L, softplus):
-    """Without z the numba backward skips y in its recompute pass (the fused mixer's case)."""
+@pytest.mark.parametrize("gate", [False, True])
+def test_backend_gradients_with_and_without_the_gate(backend, n, L, softplus, gate):
+    """Without z the numba backward skips y in its recompute pass (the fused mixer's case);
+    both paths compute the per-step gradients in flat loops, with or without softplus."""
     x = make_inputs(2, 3, n, L, seed=n + L)
-    x.pop("z")
+    if not gate:
+        x.pop("z")
     if not softplus:      # keep delta + bias positive, as a time step must be
         x["delta"] = x["delta"].abs() + 0.1
         x["delta_bias"] = x["delta_bias"].abs()

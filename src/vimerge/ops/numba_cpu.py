@@ -152,10 +152,10 @@ if _IMPORT_ERROR is None:
         gA_part (b, d, n), gD_part and gbias_part (b, d) are summed over b by the caller,
         gB_part / gC_part (b, blocks, L, n) over blocks. Only the sweep for dL/dh is
         sequential; the other passes are flat loops the compiler can vectorise. Without the
-        gate (``has_z`` False: the fused mixer) the recompute pass skips y, and the per-step
-        scalars (softplus', the delta, u, D and bias gradients) run in their own loops over t:
-        together 1.4x faster at vim_small's shapes, 1.9x at vim_fmnist's (2026-12-03,
-        interleaved against the previous kernel).
+        gate (``has_z`` False: the fused mixer) the recompute pass skips y; in both paths
+        softplus' and the per-step scalar gradients (delta, u, D, bias) run in their own loops
+        over t. Kernel 1.37-1.38x at vim_small / vim_fmnist shapes without the gate, 1.03x with
+        it (2026-12-03, interleaved against the previous kernel; docs/benchmarks.md).
         """
         b, d, L = u.shape
         n = A.shape[1]
