@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,14 +94,19 @@ def train_fn(model, batch: int, fused: bool | None) -> Callable[[], None]:
     return run
 
 
-def interleaved(configs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[tuple[float, float | None]]]:
+def interleaved(configs: dict[str, Callable[[], None]], rounds: int,
+                measure: Callable[[Callable], tuple[float, float | None]] = timed
+                ) -> dict[str, list[tuple[float, float | None]]]:
+    """``measure(fn)`` (seconds, peak MB) of every configuration once per round after one untimed
+    call each; the order turns every round. ``measure`` defaults to :func:`timed` (this
+    process); for a worker's call that times itself, pass ``lambda fn: fn()``."""
     for fn in configs.values():              # warm-up: compilation, allocator growth
         fn()
     runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in configs}
     names = list(configs)
     for i in range(rounds):                  # the order turns every round
         for name in names[i % len(names):] + names[:i % len(names)]:
-            runs[name].append(timed(configs[name]))
+            runs[name].append(measure(configs[name]))
     return runs
 
 
@@ -215,13 +221,9 @@ def against(rev: str, args) -> dict[str, dict]:
         workers = {rev: Worker(export_src(rev, tmp), opts), "this checkout": Worker(REPO / "src", opts)}
         try:
             out = {}
-            for name in WORKLOADS:
-                for w in workers.values():        # warm-up: compilation, allocator growth
-                    w.time(name)
-                runs = {k: [] for k in workers}
-                for i in range(args.rounds):      # REV first in even rounds, second in odd ones
-                    for k, w in (list(workers.items()) if i % 2 == 0 else list(workers.items())[::-1]):
-                        runs[k].append(w.time(name))
+            for name in WORKLOADS:                # REV first in even rounds, second in odd ones
+                runs = interleaved({k: partial(w.time, name) for k, w in workers.items()}, args.rounds,
+                                   measure=lambda fn: fn())
                 out[name] = summary(runs, batches[name])
         finally:
             for w in workers.values():

@@ -31,19 +31,26 @@ def test_hand_computed_two_steps():
     torch.testing.assert_close(out, expected)
 
 
+def run_with_gradients(x: dict, backend: str, softplus: bool = True):
+    """The reference and ``backend`` on their own copies of the inputs ``x``, the same random
+    output gradient back-propagated through both: (out, ref, backend inputs, reference inputs),
+    the inputs' ``.grad`` filled."""
+    ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref = selective_scan(**ref_in, delta_softplus=softplus, backend="reference")
+    out = selective_scan(**be_in, delta_softplus=softplus, backend=backend)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    return out, ref, be_in, ref_in
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("L", [1, 2, 7, 64, 197, 1000])
 @pytest.mark.parametrize("n", [4, 16])   # 16: the numba kernels' fixed-size state path (N_STATE)
 def test_backend_matches_reference(backend, L, n):
-    x = make_inputs(2, 3, n, L, seed=L)
-    ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
-    be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
-    ref = selective_scan(**ref_in, delta_softplus=True, backend="reference")
-    out = selective_scan(**be_in, delta_softplus=True, backend=backend)
+    out, ref, be_in, ref_in = run_with_gradients(make_inputs(2, 3, n, L, seed=L), backend)
     assert rel_err(out, ref) < 1e-5
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    out.backward(grad)
     for name in NAMES:
         if L == 1 and name == "A":  # h_0 = 0, so dA is exactly zero for one step
             assert ref_in[name].grad.abs().max() == 0
@@ -74,14 +81,8 @@ def test_backend_gradients_with_and_without_the_gate(backend, n, L, softplus, ga
     if not softplus:      # keep delta + bias positive, as a time step must be
         x["delta"] = x["delta"].abs() + 0.1
         x["delta_bias"] = x["delta_bias"].abs()
-    ref_in = {k: v.clone().requires_grad_() for k, v in x.items()}
-    be_in = {k: v.clone().requires_grad_() for k, v in x.items()}
-    ref = selective_scan(**ref_in, delta_softplus=softplus, backend="reference")
-    out = selective_scan(**be_in, delta_softplus=softplus, backend=backend)
+    out, ref, be_in, ref_in = run_with_gradients(x, backend, softplus)
     assert rel_err(out, ref) < 1e-5
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    out.backward(grad)
     for name in ref_in:
         assert rel_err(be_in[name].grad, ref_in[name].grad) < 1e-4, name
 
