@@ -57,7 +57,7 @@ if _IMPORT_ERROR is None:
     import numpy as np
     from numba import njit, prange
 
-    from .numba_cpu import _exp, _sigmoid, _softplus
+    from .numba_cpu import _exp, _sigmoid, _softplus, _state
 
 
 class Direction(NamedTuple):
@@ -229,7 +229,9 @@ if _IMPORT_ERROR is None:
         L = dt.shape[0]
         _time_steps(dtr, W, bias, bi, c, dt)
         t0, step = (L - 1, -1) if reverse else (0, 1)
-        h = np.zeros(n, dtype=np.float32)
+        h = _state(n)
+        for k in range(n):
+            h[k] = 0.0
         a_row = A[c]
         Dc = D[c]
         for s in range(L):
