@@ -18,12 +18,14 @@ median in brackets, and ratios taken within a round (best and median over rounds
 
 With ``--against REV`` (a git revision of this repository, e.g. ``38a3723``, the code on which
 issue 24 was measured), a fourth table: the same workloads (vim_fmnist and deit_fmnist forward,
-vim_small forward and training step, each model's default path) run by two worker processes,
-one importing REV's ``src`` (from ``git archive``), one this checkout's ``src``, alternating
-call by call in interleaved rounds (REV first in even rounds, second in odd ones); the speed-up
-is taken within a round. This is the
-comparison with the issue's "today's img/s": the same-round step-by-step path of tables 1-3
-runs this checkout's (faster) scan kernels too. ``--skip-paths`` leaves out tables 1-3.
+vim_small forward and training step, each model's default path) with REV's ``vimerge`` (from
+``git archive``, imported in this process as ``vimerge_rev``) and this checkout's, alternating
+call by call in interleaved rounds; the speed-up is taken within a round. One process for both
+sides: until 2026-12-04 the sides ran in two worker processes, and the deit_fmnist row (the same
+Transformer arithmetic on both sides) read 0.91x-1.14x by median over a day's runs; in one
+process it reads 1.03x (docs/benchmarks.md). This is the comparison with the issue's "today's
+img/s": the same-round step-by-step path of tables 1-3 runs this checkout's (faster) scan
+kernels too. ``--skip-paths`` leaves out tables 1-3.
 
 fp32, CPU, the default scan backend (numba). Peak memory: the rise of the resident set's
 high-water mark above the resident set before the timed call, in the fastest round (Linux).
@@ -33,15 +35,15 @@ Compilation (numba, cached on disk after the first run) happens in an untimed wa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,19 +96,16 @@ def train_fn(model, batch: int, fused: bool | None) -> Callable[[], None]:
     return run
 
 
-def interleaved(configs: dict[str, Callable[[], None]], rounds: int,
-                measure: Callable[[Callable], tuple[float, float | None]] = timed
-                ) -> dict[str, list[tuple[float, float | None]]]:
-    """``measure(fn)`` (seconds, peak MB) of every configuration once per round after one untimed
-    call each; the order turns every round. ``measure`` defaults to :func:`timed` (this
-    process); for a worker's call that times itself, pass ``lambda fn: fn()``."""
+def interleaved(configs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[tuple[float, float | None]]]:
+    """:func:`timed` (seconds, peak MB) of every configuration once per round after one untimed
+    call each; the order turns every round."""
     for fn in configs.values():              # warm-up: compilation, allocator growth
         fn()
     runs: dict[str, list[tuple[float, float | None]]] = {k: [] for k in configs}
     names = list(configs)
     for i in range(rounds):                  # the order turns every round
         for name in names[i % len(names):] + names[:i % len(names)]:
-            runs[name].append(measure(configs[name]))
+            runs[name].append(timed(configs[name]))
     return runs
 
 
@@ -134,21 +133,42 @@ def mb(v: float | None) -> str:
 
 WORKLOADS = ("vim_fmnist forward", "deit_fmnist forward", "vim_small forward", "vim_small training step")
 REPO = Path(__file__).resolve().parents[1]
+SELF_IMPORT = re.compile(r"^\s*(from\s+vimerge[\s.]|import\s+vimerge\b)", re.MULTILINE)
 
 
-def worker() -> int:
-    """``--worker``: build the workloads with the vimerge on ``sys.path`` (first stdin line: JSON
-    with fmnist_batch, small_batch, train_batch, threads), then answer each workload name read
-    from stdin with one timed call as a JSON line ``{"sec", "peak_mb"}``; "" ends."""
-    opts = json.loads(sys.stdin.readline())
-    torch.set_num_threads(opts["threads"])
+def import_revision(rev: str, into: str):
+    """Revision ``rev``'s ``vimerge`` package, imported under the name ``vimerge_rev`` from a
+    ``git archive`` written under ``into``, beside this checkout's ``vimerge`` in this process.
+
+    Raises SystemExit naming the problem when git cannot read ``rev``, or when a module it loads
+    imports ``vimerge`` by absolute name (that would bind this checkout's code inside it; the CLI
+    modules do, and are not loaded by ``import vimerge``).
+    """
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src/vimerge"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    (Path(into) / "src" / "vimerge").rename(Path(into) / "vimerge_rev")
+    sys.path.insert(0, into)
+    try:
+        module = importlib.import_module("vimerge_rev")
+    finally:
+        sys.path.remove(into)
+    for name, mod in list(sys.modules.items()):   # the modules it loaded: any absolute self-import?
+        path = getattr(mod, "__file__", None)
+        hit = name.startswith("vimerge_rev") and path and SELF_IMPORT.search(Path(path).read_text())
+        if hit:
+            raise SystemExit(f"--against {rev}: {name} imports vimerge by absolute name ({hit.group(0).strip()!r}), "
+                             "which would mix this checkout's code into the revision's")
+    return module
+
+
+def workloads(package, fmnist_batch: int, small_batch: int, train_batch: int) -> dict[str, Callable[[], None]]:
+    """The four --against workloads (:data:`WORKLOADS`) built with ``package`` (a vimerge),
+    each model on its default mixer path; vim_small's random weights from seed 0."""
     torch.manual_seed(0)
-    small = vimerge.create_model("vim_small")
-    fns = {"vim_fmnist forward": forward_fn(vimerge.create_model("vim_fmnist", pretrained=True).eval(),
-                                            opts["fmnist_batch"], None),
-           "deit_fmnist forward": forward_fn(vimerge.create_model("deit_fmnist", pretrained=True).eval(),
-                                             opts["fmnist_batch"], None)}
-    small_forward, small_train = forward_fn(small, opts["small_batch"], None), train_fn(small, opts["train_batch"], None)
+    small = package.create_model("vim_small")
+    small_forward, small_train = forward_fn(small, small_batch, None), train_fn(small, train_batch, None)
 
     def forward() -> None:
         small.eval()
@@ -157,77 +177,22 @@ def worker() -> int:
     def train() -> None:
         small.train()
         small_train()
-    fns |= {"vim_small forward": forward, "vim_small training step": train}
-    print(json.dumps({"vimerge": vimerge.__file__}), flush=True)
-    for line in sys.stdin:
-        name = line.strip()
-        if not name:
-            break
-        sec, peak = timed(fns[name])
-        print(json.dumps({"sec": sec, "peak_mb": peak}), flush=True)
-    return 0
-
-
-class Worker:
-    """A ``--worker`` process importing vimerge from ``src`` (a directory holding ``vimerge/``)."""
-
-    def __init__(self, src: Path, opts: dict):
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], cwd=src,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.proc.stdin.write(json.dumps(opts) + "\n")
-        self.proc.stdin.flush()
-        imported = Path(self._answer()["vimerge"]).resolve()
-        if src.resolve() not in imported.parents:
-            self.close()
-            raise RuntimeError(f"the worker for {src} imported vimerge from {imported}")
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker exited with code {self.proc.wait()}")
-        return json.loads(line)
-
-    def time(self, name: str) -> tuple[float, float | None]:
-        time.sleep(0.3)        # the other worker's idle threads stop spinning first
-        self.proc.stdin.write(name + "\n")
-        self.proc.stdin.flush()
-        r = self._answer()
-        return r["sec"], r["peak_mb"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-
-
-def export_src(rev: str, into: str) -> Path:
-    """``src`` of git revision ``rev`` of this repository, written under ``into``; raises
-    SystemExit naming the problem when git cannot read the revision."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], capture_output=True)
-    if archive.returncode != 0:
-        raise SystemExit(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
-    return Path(into) / "src"
+    return {"vim_fmnist forward": forward_fn(package.create_model("vim_fmnist", pretrained=True).eval(),
+                                             fmnist_batch, None),
+            "deit_fmnist forward": forward_fn(package.create_model("deit_fmnist", pretrained=True).eval(),
+                                              fmnist_batch, None),
+            "vim_small forward": forward, "vim_small training step": train}
 
 
 def against(rev: str, args) -> dict[str, dict]:
-    """Table 4: every workload, revision ``rev`` against this checkout, interleaved call by call."""
-    opts = dict(fmnist_batch=args.fmnist_batch, small_batch=args.small_batch, train_batch=args.train_batch,
-                threads=args.threads)
+    """Table 4: every workload, revision ``rev`` against this checkout, alternating call by call
+    in this process (one heap, one set of thread pools for both)."""
     batches = dict(zip(WORKLOADS, (args.fmnist_batch, args.fmnist_batch, args.small_batch, args.train_batch)))
     with tempfile.TemporaryDirectory(prefix="vimerge-rev-") as tmp:
-        workers = {rev: Worker(export_src(rev, tmp), opts), "this checkout": Worker(REPO / "src", opts)}
-        try:
-            out = {}
-            for name in WORKLOADS:                # REV first in even rounds, second in odd ones
-                runs = interleaved({k: partial(w.time, name) for k, w in workers.items()}, args.rounds,
-                                   measure=lambda fn: fn())
-                out[name] = summary(runs, batches[name])
-        finally:
-            for w in workers.values():
-                w.close()
+        sides = {rev: import_revision(rev, tmp), "this checkout": vimerge}
+        fns = {k: workloads(pkg, args.fmnist_batch, args.small_batch, args.train_batch) for k, pkg in sides.items()}
+        out = {name: summary(interleaved({k: f[name] for k, f in fns.items()}, args.rounds), batches[name])
+               for name in WORKLOADS}
     print(f"\n| workload (each model's default path) | {rev} img/s | this checkout img/s | speed-up (same round): "
           f"best (median) | peak MB {rev} | peak MB this checkout |")
     print("|---|---|---|---|---|---|")
@@ -250,10 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--against", metavar="REV", help="also time REV's code against this checkout (table 4)")
     p.add_argument("--skip-paths", action="store_true", help="leave out tables 1-3 (fused vs step-by-step)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        return worker()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
