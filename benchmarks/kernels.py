@@ -17,9 +17,9 @@ vim_fmnist's (batch 256, 50 tokens, d_inner 192, dt_rank 6):
   with the gate ``z`` and without it.
 
 The table gives each side's fastest call (median in brackets) in ms, the median of the
-same-round speed-ups (REV's time over this checkout's), and the largest difference between the
-two sides' outputs and input gradients relative to the largest magnitude (0 when the kernels do
-the same arithmetic in the same order). A workload the revision lacks prints "-".
+same-round speed-ups (REV's time over this checkout's), whether the two sides' outputs and
+gradients (of u, delta, A, B, C, D, z and delta_bias) are bit-identical, and their largest
+difference relative to the larger magnitude. A workload the revision lacks prints "-".
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from mixer import import_revision
 
 SHAPES = {"vim_small": (8, 197, 768, 24), "vim_fmnist": (256, 50, 192, 6)}   # batch, L, d_inner, dt_rank
 N_STATE = 16
+GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def scan_inputs(batch: int, L: int, d: int, gate: bool, grad: bool, seed: int = 0) -> dict:
@@ -48,8 +49,9 @@ def scan_inputs(batch: int, L: int, d: int, gate: bool, grad: bool, seed: int = 
              B=r(batch, N_STATE, L), C=r(batch, N_STATE, L), D=r(d), z=r(batch, d, L) if gate else None,
              delta_bias=r(d, scale=0.3))
     if grad:
-        for k in ("u", "delta", "A", "B", "C", "D"):
-            x[k].requires_grad_(True)
+        for k in GRAD_INPUTS:
+            if x[k] is not None:
+                x[k].requires_grad_(True)
     return x
 
 
@@ -64,7 +66,7 @@ def scan_call(package, x: dict, grad: bool, gout: torch.Tensor) -> Callable[[], 
                 return [package.ops.selective_scan(**x, delta_softplus=True, backend="numba")]
         y = package.ops.selective_scan(**x, delta_softplus=True, backend="numba")
         y.backward(gout)
-        return [y.detach()] + [x[k].grad for k in ("u", "delta", "A", "B", "C", "D")]
+        return [y.detach()] + [x[k].grad for k in GRAD_INPUTS if x[k] is not None]
     return run
 
 
@@ -100,8 +102,11 @@ def workloads(package) -> dict[str, Callable[[], list[torch.Tensor]] | None]:
     return out
 
 
-def rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
+def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[bool, float]:
+    """(every tensor bit-identical, the largest |a - b| over max(|a|, |b|) of any tensor; NaN if any is NaN)."""
+    same = len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    diffs = [(x - y).abs().max() / torch.maximum(x.abs().max(), y.abs().max()).clamp_min(1e-30) for x, y in zip(a, b)]
+    return same, float(torch.stack(diffs).max())
 
 
 def main(argv=None) -> int:
@@ -116,17 +121,17 @@ def main(argv=None) -> int:
     print(f"# fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds; "
           f"{args.against} against this checkout, one process")
     print(f"\n| workload | {args.against} ms | this checkout ms | speed-up (median of same-round ratios) | "
-          "max rel. difference |")
-    print("|---|---|---|---|---|")
+          "bit-identical | max rel. difference |")
+    print("|---|---|---|---|---|---|")
     results = {}
     with tempfile.TemporaryDirectory(prefix="vimerge-rev-") as tmp:
         sides = (workloads(import_revision(args.against, tmp)), workloads(vimerge))
         for name, new in sides[1].items():
             old = sides[0].get(name)
             if old is None or new is None:
-                print(f"| {name} | - | - | - | - |")
+                print(f"| {name} | - | - | - | - | - |")
                 continue
-            diff = rel_diff(old(), new())          # also the warm-up (compilation)
+            same, diff = compare(old(), new())     # also the warm-up (compilation)
             secs: tuple[list[float], list[float]] = ([], [])
             for i in range(args.rounds):
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -135,9 +140,9 @@ def main(argv=None) -> int:
                     fn()
                     secs[side].append(time.perf_counter() - t0)
             speed = statistics.median(o / n for o, n in zip(*secs))
-            results[name] = dict(rev_s=secs[0], this_s=secs[1], speed_up=speed, max_rel_diff=diff)
+            results[name] = dict(rev_s=secs[0], this_s=secs[1], speed_up=speed, bit_identical=same, max_rel_diff=diff)
             print(f"| {name} | {min(secs[0]) * 1e3:.2f} ({statistics.median(secs[0]) * 1e3:.2f}) | "
-                  f"{min(secs[1]) * 1e3:.2f} ({statistics.median(secs[1]) * 1e3:.2f}) | {speed:.2f}x | {diff:.1e} |",
+                  f"{min(secs[1]) * 1e3:.2f} ({statistics.median(secs[1]) * 1e3:.2f}) | {speed:.2f}x | {'yes' if same else 'no'} | {diff:.1e} |",
                   flush=True)
     print(f"\n# {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -23,7 +23,8 @@ vim_small forward and training step, each model's default path) with REV's ``vim
 call by call in interleaved rounds; the speed-up is taken within a round. One process for both
 sides: until 2026-12-04 the sides ran in two worker processes, and the deit_fmnist row (the same
 Transformer arithmetic on both sides) read 0.91x-1.14x by median over a day's runs; in one
-process it reads 1.03x (docs/benchmarks.md). This is the comparison with the issue's "today's
+process 0.99x-1.03x (docs/benchmarks.md). The revision's numba kernels compile afresh in every
+run (its cache lives in the temporary directory), in the untimed warm-up. This is the comparison with the issue's "today's
 img/s": the same-round step-by-step path of tables 1-3 runs this checkout's (faster) scan
 kernels too. ``--skip-paths`` leaves out tables 1-3.
 
@@ -154,13 +155,19 @@ def import_revision(rev: str, into: str):
         module = importlib.import_module("vimerge_rev")
     finally:
         sys.path.remove(into)
-    for name, mod in list(sys.modules.items()):   # the modules it loaded: any absolute self-import?
+    check_self_imports(rev)
+    return module
+
+
+def check_self_imports(rev: str) -> None:
+    """SystemExit if a loaded module of the revision (``vimerge_rev.*``) imports ``vimerge`` by
+    absolute name: that would bind this checkout's code inside the revision's."""
+    for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)
         hit = name.startswith("vimerge_rev") and path and SELF_IMPORT.search(Path(path).read_text())
         if hit:
             raise SystemExit(f"--against {rev}: {name} imports vimerge by absolute name ({hit.group(0).strip()!r}), "
                              "which would mix this checkout's code into the revision's")
-    return module
 
 
 def workloads(package, fmnist_batch: int, small_batch: int, train_batch: int) -> dict[str, Callable[[], None]]:
@@ -193,6 +200,7 @@ def against(rev: str, args) -> dict[str, dict]:
         fns = {k: workloads(pkg, args.fmnist_batch, args.small_batch, args.train_batch) for k, pkg in sides.items()}
         out = {name: summary(interleaved({k: f[name] for k, f in fns.items()}, args.rounds), batches[name])
                for name in WORKLOADS}
+        check_self_imports(rev)               # again: modules the workloads imported on first use
     print(f"\n| workload (each model's default path) | {rev} img/s | this checkout img/s | speed-up (same round): "
           f"best (median) | peak MB {rev} | peak MB this checkout |")
     print("|---|---|---|---|---|---|")

@@ -58,13 +58,16 @@ if _IMPORT_ERROR is None:
 
     @intrinsic
     def _stack_f32x16(typingctx):
-        """Pointer to 16 float32 on the stack (one alloca in the calling function's entry block).
+        """Pointer to 16 float32 on the stack: one alloca per call site, in the entry block of
+        the function the call is compiled into (a kernel's outlined ``prange`` body).
 
         An array over it that is indexed by constants once the fixed-size state loop is
-        unrolled is kept in a vector register by LLVM, where a heap array (``np.empty``) is
-        stored and reloaded every time step. Kernels, interleaved against the heap version
-        (2026-12-04, docs/benchmarks.md): fused forward 1.11-1.14x, numba forward 1.06-1.08x,
-        backward 1.10-1.29x.
+        unrolled is kept in a vector register by LLVM (checked in the fused forward kernel's
+        assembly, 2026-12-04), where a heap array (``np.empty``) is stored and reloaded every
+        time step. Kernels alone, interleaved against the heap version (2026-12-04,
+        docs/benchmarks.md): fused forward 1.11-1.14x, numba forward 1.06-1.08x, backward
+        1.10-1.29x; through ``fused_bimamba_v2`` / ``selective_scan`` (``python
+        benchmarks/kernels.py --against f2e34ee``) 1.01-1.21x.
         """
         sig = types.CPointer(types.float32)()
 
@@ -77,7 +80,12 @@ if _IMPORT_ERROR is None:
     @njit(inline="always")
     def _state(n):
         """A float32 buffer of n states: on the stack when n is ``N_STATE`` (see
-        :func:`_stack_f32x16`), else on the heap. Not zeroed; valid inside the calling kernel only."""
+        :func:`_stack_f32x16`), else on the heap. Not zeroed. Must stay ``inline="always"`` and be
+        used only inside the kernel that calls it: the stack buffer dies with that function.
+        The kernels in ``fused_mixer.py`` inline this (and ``_exp``); numba's disk cache checks
+        only the file that defines a cached kernel, so after editing these helpers clear
+        ``__pycache__`` (or set a fresh ``NUMBA_CACHE_DIR``) before timing the fused kernels.
+        """
         if n == N_STATE:
             return carray(_stack_f32x16(), N_STATE)
         return np.empty(n, dtype=np.float32)
