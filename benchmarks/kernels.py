@@ -5,7 +5,8 @@ Usage:  python benchmarks/kernels.py --against REV [--rounds 15] [--threads 2] [
 REV is a git revision of this repository (e.g. ``f2e34ee``, the commit before the register-held
 scan state of 2026-12-04). Its ``vimerge`` is imported beside this checkout's (as
 ``vimerge_rev``, see ``benchmarks/mixer.py``'s :func:`import_revision`); each kernel call of
-the two sides alternates, the order turning every round, on the same random fp32 inputs.
+the two sides alternates (``mixer.interleaved``: the order turns every round), on the same
+random fp32 inputs.
 Timed, at vim_small's shapes (batch 8, 197 tokens, d_inner 768, d_state 16, dt_rank 24) and
 vim_fmnist's (batch 256, 50 tokens, d_inner 192, dt_rank 6):
 
@@ -25,7 +26,6 @@ difference relative to the larger magnitude. A workload the revision lacks print
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 import vimerge
-from mixer import import_revision
+from mixer import finish, import_revision, interleaved
 
 SHAPES = {"vim_small": (8, 197, 768, 24), "vim_fmnist": (256, 50, 192, 6)}   # batch, L, d_inner, dt_rank
 N_STATE = 16
@@ -131,23 +131,15 @@ def main(argv=None) -> int:
             if old is None or new is None:
                 print(f"| {name} | - | - | - | - | - |")
                 continue
-            same, diff = compare(old(), new())     # also the warm-up (compilation)
-            secs: tuple[list[float], list[float]] = ([], [])
-            for i in range(args.rounds):
-                for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    fn = (old, new)[side]
-                    t0 = time.perf_counter()
-                    fn()
-                    secs[side].append(time.perf_counter() - t0)
+            same, diff = compare(old(), new())     # first calls: compilation
+            runs = interleaved({"rev": old, "this": new}, args.rounds)   # order turns every round
+            secs = ([t for t, _ in runs["rev"]], [t for t, _ in runs["this"]])
             speed = statistics.median(o / n for o, n in zip(*secs))
             results[name] = dict(rev_s=secs[0], this_s=secs[1], speed_up=speed, bit_identical=same, max_rel_diff=diff)
             print(f"| {name} | {min(secs[0]) * 1e3:.2f} ({statistics.median(secs[0]) * 1e3:.2f}) | "
                   f"{min(secs[1]) * 1e3:.2f} ({statistics.median(secs[1]) * 1e3:.2f}) | {speed:.2f}x | {'yes' if same else 'no'} | {diff:.1e} |",
                   flush=True)
-    print(f"\n# {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    finish(start, results, args.json)
     return 0
 
 

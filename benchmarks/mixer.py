@@ -24,9 +24,9 @@ call by call in interleaved rounds; the speed-up is taken within a round. One pr
 sides: until 2026-12-04 the sides ran in two worker processes, and the deit_fmnist row (the same
 Transformer arithmetic on both sides) read 0.91x-1.14x by median over a day's runs; in one
 process 0.99x-1.03x (docs/benchmarks.md). The revision's numba kernels compile afresh in every
-run (its cache lives in the temporary directory), in the untimed warm-up. This is the comparison with the issue's "today's
-img/s": the same-round step-by-step path of tables 1-3 runs this checkout's (faster) scan
-kernels too. ``--skip-paths`` leaves out tables 1-3.
+run (its cache lives in the temporary directory), in the untimed warm-up. This is the
+comparison with the issue's "today's img/s": the same-round step-by-step path of tables 1-3
+runs this checkout's (faster) scan kernels too. ``--skip-paths`` leaves out tables 1-3.
 
 fp32, CPU, the default scan backend (numba). Peak memory: the rise of the resident set's
 high-water mark above the resident set before the timed call, in the fastest round (Linux).
@@ -124,6 +124,15 @@ def ratio(s: dict, num: str, den: str) -> tuple[float, float]:
     """Speed of ``num`` over ``den`` per round (time of den / time of num): best and median."""
     per = [b / a for a, b in zip(s[num]["secs"], s[den]["secs"])]
     return max(per), statistics.median(per)
+
+
+def finish(start: float, results: dict, json_path: str | None) -> None:
+    """Print the seconds since ``start`` (a ``time.perf_counter()``); write ``results`` as JSON
+    to ``json_path`` when given."""
+    print(f"\n# {time.perf_counter() - start:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def mb(v: float | None) -> str:
@@ -266,10 +275,7 @@ def main(argv=None) -> int:
         results |= {"fmnist": s1, "vim_small_forward": s2, "vim_small_train": s3}
     if args.against:
         results["against"] = against(args.against, args)
-    print(f"\n# {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    finish(start, results, args.json)
     return 0
 
 

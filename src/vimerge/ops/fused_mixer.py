@@ -230,8 +230,6 @@ if _IMPORT_ERROR is None:
         _time_steps(dtr, W, bias, bi, c, dt)
         t0, step = (L - 1, -1) if reverse else (0, 1)
         h = _state(n)
-        for k in range(n):
-            h[k] = 0.0
         a_row = A[c]
         Dc = D[c]
         for s in range(L):

@@ -79,16 +79,17 @@ if _IMPORT_ERROR is None:
 
     @njit(inline="always")
     def _state(n):
-        """A float32 buffer of n states: on the stack when n is ``N_STATE`` (see
-        :func:`_stack_f32x16`), else on the heap. Not zeroed. Must stay ``inline="always"`` and be
+        """A zeroed float32 buffer of n states: on the stack when n is ``N_STATE`` (see
+        :func:`_stack_f32x16`), else on the heap. Must stay ``inline="always"`` and be
         used only inside the kernel that calls it: the stack buffer dies with that function.
         The kernels in ``fused_mixer.py`` inline this (and ``_exp``); numba's disk cache checks
         only the file that defines a cached kernel, so after editing these helpers clear
         ``__pycache__`` (or set a fresh ``NUMBA_CACHE_DIR``) before timing the fused kernels.
         """
-        if n == N_STATE:
-            return carray(_stack_f32x16(), N_STATE)
-        return np.empty(n, dtype=np.float32)
+        h = carray(_stack_f32x16(), N_STATE) if n == N_STATE else np.empty(n, dtype=np.float32)
+        for k in range(n):
+            h[k] = 0.0
+        return h
 
     @njit(inline="always", fastmath=True)
     def _exp(x):
@@ -142,8 +143,6 @@ if _IMPORT_ERROR is None:
         """One (batch, channel) sequence of the forward kernel, ``n`` states (a literal 16 from
         the kernel lets the compiler unroll the state loop into whole vectors)."""
         h = _state(n)
-        for k in range(n):
-            h[k] = 0.0
         a_row = A[di]
         for t in range(u.shape[2]):
             dtt = dt[t]
@@ -192,8 +191,6 @@ if _IMPORT_ERROR is None:
         h = _state(n)
         gh = _state(n)
         for k in range(n):
-            h[k] = 0.0
-            gh[k] = 0.0
             hs[0, k] = 0.0
         if has_z:                                         # the states, and y for dL/dz
             Dd = D[di]
